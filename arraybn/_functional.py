@@ -1,0 +1,564 @@
+"""Pure functional core: batch normalization as TensorFlow's v1 Keras layer computes it.
+
+Every function takes arrays and returns new arrays; nothing is mutated, so the
+same code runs on immutable namespaces (JAX) and lazy ones (dask). No function
+here imports a backend, branches on the backend, or reads an array's value on
+the host: every decision is made from shapes, dtypes and Python settings.
+
+The order of operations copies the TensorFlow code paths it mirrors
+(``tf.nn.moments``, ``tf.nn.weighted_moments``, ``tf.nn.batch_normalization``,
+``BatchNormalizationBase._assign_moving_average``, the ``FusedBatchNormV3`` CPU
+kernel, ``_renorm_correction_and_moments``), so that float32 results agree with
+TensorFlow to a few units in the last place.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, NamedTuple
+
+from ._namespace import array_namespace, dtype_from_name
+
+Array = Any
+
+__all__ = [
+    "BNConfig",
+    "BNParams",
+    "BNState",
+    "assign_moving_average",
+    "batch_norm",
+    "fused_moving_update",
+    "moments",
+    "normalize",
+    "renorm_correction",
+    "weighted_moments",
+]
+
+
+class BNParams(NamedTuple):
+    """Trainable parameters; ``None`` where ``scale``/``center`` is off."""
+
+    gamma: Array | None
+    beta: Array | None
+
+
+class BNState(NamedTuple):
+    """Non-trainable state. The renorm fields are ``None`` unless ``renorm=True``."""
+
+    moving_mean: Array
+    moving_variance: Array
+    moving_stddev: Array | None = None
+    renorm_mean: Array | None = None
+    renorm_stddev: Array | None = None
+
+
+@dataclass(frozen=True)
+class BNConfig:
+    """Everything the computation needs to know, resolved once at build time.
+
+    ``axis`` is normalized (non-negative) and relative to the caller's input,
+    before any virtual-batch reshape. ``fused`` is the *effective* value TF's
+    ``build`` resolves (see ``arraybn._validation.resolve_fused``).
+    """
+
+    axis: tuple[int, ...]
+    rank: int
+    param_shape: tuple[int, ...]
+    momentum: float = 0.99
+    epsilon: float = 1e-3
+    fused: bool = False
+    fused_avg_updates: bool = True
+    renorm: bool = False
+    renorm_clipping: dict[str, Any] = field(default_factory=dict)
+    renorm_momentum: float = 0.99
+    virtual_batch_size: int | None = None
+    compute_dtype: str = "float32"
+    param_dtype: str = "float32"
+
+
+# ---------------------------------------------------------------------------
+# Small helpers
+# ---------------------------------------------------------------------------
+
+
+def _f32_round(value: float, xp: ModuleType, device: Any) -> Array:
+    """``tf.convert_to_tensor(python_float)``: a float32 0-d array."""
+    return xp.asarray(value, dtype=xp.float32, device=device)
+
+
+def _decay(momentum: float, dtype: Any, xp: ModuleType, device: Any) -> Array:
+    """TF's ``decay = cast(convert_to_tensor(1.0 - momentum), variable.dtype)``.
+
+    The subtraction happens in Python (float64), the result is rounded to
+    float32 by ``convert_to_tensor`` and only then cast to the variable's
+    dtype, so a float64 variable sees ``float64(float32(1 - momentum))``.
+    """
+    return xp.astype(_f32_round(1.0 - momentum, xp, device), dtype)
+
+
+def _div_no_nan(a: Array, b: Array, xp: ModuleType) -> Array:
+    """``tf.math.div_no_nan``: 0 where ``b == 0``."""
+    zero = b == 0
+    return xp.where(zero, xp.zeros_like(a), a / xp.where(zero, xp.ones_like(b), b))
+
+
+def _reshape_param(v: Array | None, shape: tuple[int, ...], xp: ModuleType) -> Array | None:
+    if v is None or tuple(v.shape) == shape:
+        return v
+    return xp.reshape(v, shape)
+
+
+# ---------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------
+
+
+def moments(x: Array, axes: Sequence[int], *, xp: ModuleType) -> tuple[Array, Array]:
+    """Two-pass mean and biased variance, kept as broadcastable (keepdims) arrays.
+
+    Mirrors ``tf.nn.moments``: ``mean = reduce_mean(x)``, ``variance =
+    reduce_mean(squared_difference(x, mean))``. Reducing over no axis gives
+    the input itself and a zero variance, as in TF.
+    """
+    axes = tuple(axes)
+    if not axes:
+        return x, xp.zeros_like(x)
+    mean = xp.mean(x, axis=axes, keepdims=True)
+    centered = x - mean
+    variance = xp.mean(centered * centered, axis=axes, keepdims=True)
+    return mean, variance
+
+
+def weighted_moments(
+    x: Array, axes: Sequence[int], frequency_weights: Array, *, xp: ModuleType
+) -> tuple[Array, Array]:
+    """Frequency-weighted mean and variance, as ``tf.nn.weighted_moments``.
+
+    The sum of weights is taken over the weights broadcast to ``x``'s shape,
+    and both divisions are ``div_no_nan`` (a fully masked channel gives 0, not
+    NaN).
+    """
+    axes = tuple(axes)
+    w = xp.astype(frequency_weights, x.dtype)
+    weighted_sum = xp.sum(w * x, axis=axes, keepdims=True)
+    broadcast_w = w + xp.zeros_like(x)
+    sum_of_weights = xp.sum(broadcast_w, axis=axes, keepdims=True)
+    mean = _div_no_nan(weighted_sum, sum_of_weights, xp)
+    centered = x - mean
+    distsq = xp.sum(w * (centered * centered), axis=axes, keepdims=True)
+    variance = _div_no_nan(distsq, sum_of_weights, xp)
+    return mean, variance
+
+
+# ---------------------------------------------------------------------------
+# Output transform
+# ---------------------------------------------------------------------------
+
+
+def normalize(
+    x: Array,
+    mean: Array,
+    variance: Array,
+    offset: Array | None,
+    scale: Array | None,
+    epsilon: float,
+    *,
+    xp: ModuleType,
+) -> Array:
+    """``tf.nn.batch_normalization``, in TF's order of operations.
+
+    ``inv = rsqrt(variance + epsilon) * scale``;
+    ``y = x * inv + (offset - mean * inv)``: one multiply-add per element.
+    """
+    inv = 1.0 / xp.sqrt(variance + epsilon)
+    if scale is not None:
+        inv = inv * scale
+    shift = -mean * inv if offset is None else offset - mean * inv
+    return x * xp.astype(inv, x.dtype) + xp.astype(shift, x.dtype)
+
+
+def compose_transforms(
+    scale: Array | float | None,
+    offset: Array | float | None,
+    then_scale: Array | None,
+    then_offset: Array | None,
+) -> tuple[Any, Any]:
+    """Compose ``y*scale + offset`` followed by ``*then_scale + then_offset`` (tf-keras)."""
+    if then_scale is not None:
+        scale = scale * then_scale
+        offset = offset * then_scale
+    if then_offset is not None:
+        offset = offset + then_offset
+    return scale, offset
+
+
+# ---------------------------------------------------------------------------
+# Moving statistics
+# ---------------------------------------------------------------------------
+
+
+def assign_moving_average(variable: Array, value: Array, momentum: float, *, xp: ModuleType) -> Array:
+    """New value of a moving average, in TF's ``assign_sub`` form.
+
+    ``variable - (variable - value) * (1 - momentum)``, which rounds
+    differently from ``variable * momentum + value * (1 - momentum)``.
+    """
+    dev = _device_of(variable)
+    decay = _decay(momentum, variable.dtype, xp, dev)
+    return variable - (variable - xp.astype(value, variable.dtype)) * decay
+
+
+def fused_moving_update(
+    variable: Array, batch_value: Array, momentum: float, *, bessel: float = 1.0, xp: ModuleType
+) -> Array:
+    """The fused kernel's running-statistic update (``exponential_avg_factor``).
+
+    ``(1 - f) * old + (f * bessel) * batch`` with ``f = float32(1 - momentum)``
+    computed in float32 like the kernel's attribute; ``bessel`` is
+    ``n / max(n - 1, 1)`` for the variance and 1 for the mean.
+    """
+    dev = _device_of(variable)
+    f = _f32_round(1.0 - momentum, xp, dev)
+    one_minus_f = 1.0 - f
+    factor = f * xp.asarray(bessel, dtype=xp.float32, device=dev) if bessel != 1.0 else f
+    value = xp.astype(batch_value, xp.float32)
+    new = xp.astype(one_minus_f, variable.dtype) * variable + xp.astype(factor, variable.dtype) * xp.astype(
+        value, variable.dtype
+    )
+    return new
+
+
+def renorm_correction(
+    mean: Array,
+    variance: Array,
+    renorm_mean: Array,
+    renorm_stddev: Array,
+    *,
+    epsilon: float,
+    clipping: dict[str, Any],
+    xp: ModuleType,
+) -> tuple[Array, Array, Array]:
+    """Batch-renorm corrections ``(r, d)`` and the batch stddev.
+
+    Uses the pre-update renorm statistics, as TF does:
+    ``stddev = sqrt(var + eps)``, ``s = max(renorm_stddev, sqrt(eps))``,
+    ``r = clip(stddev / s, rmin, rmax)``, ``d = clip((mean - renorm_mean) / s, -dmax, dmax)``.
+    ``r`` and ``d`` are constants for the gradient (``stop_gradient`` in TF).
+    """
+    stddev = xp.sqrt(variance + epsilon)
+    floor = xp.sqrt(xp.asarray(epsilon, dtype=renorm_stddev.dtype, device=_device_of(renorm_stddev)))
+    s = xp.maximum(renorm_stddev, floor)
+    r = stddev / s
+    d = (mean - renorm_mean) / s
+    rmin, rmax, dmax = (clipping.get(k) for k in ("rmin", "rmax", "dmax"))
+    if rmin is not None:
+        r = xp.maximum(r, _as_like(rmin, r, xp))
+    if rmax is not None:
+        r = xp.minimum(r, _as_like(rmax, r, xp))
+    if dmax is not None:
+        d = xp.maximum(d, -_as_like(dmax, d, xp))
+        d = xp.minimum(d, _as_like(dmax, d, xp))
+    return r, d, stddev
+
+
+def _as_like(value: Any, like: Array, xp: ModuleType) -> Array:
+    return xp.asarray(value, dtype=like.dtype, device=_device_of(like))
+
+
+def _device_of(x: Array) -> Any:
+    from ._namespace import array_device
+
+    return array_device(x)
+
+
+# ---------------------------------------------------------------------------
+# The entry point
+# ---------------------------------------------------------------------------
+
+
+def _reduction_axes(ndim: int, axis: Sequence[int], virtual: bool) -> list[int]:
+    axes = [i for i in range(ndim) if i not in axis]
+    if virtual:
+        del axes[1]  # the ghost-batch axis is kept
+    return axes
+
+
+def _broadcast_shape(ndim: int, axis: Sequence[int], shape: Sequence[int]) -> tuple[int, ...]:
+    return tuple(shape[i] if i in axis else 1 for i in range(ndim))
+
+
+def batch_norm(
+    x: Array,
+    params: BNParams,
+    state: BNState,
+    /,
+    *,
+    training: bool,
+    config: BNConfig,
+    mask: Array | None = None,
+    adjustment: Callable[[tuple[int, ...]], tuple[Any, Any]] | None = None,
+    trainable: bool = True,
+    xp: ModuleType | None = None,
+) -> tuple[Array, BNState]:
+    """Batch-normalize ``x``; return the output and the new non-trainable state.
+
+    Reproduces ``tf.compat.v1.keras.layers.BatchNormalization.call`` for an
+    already built layer.
+
+    Parameters
+    ----------
+    x
+        Input of rank ``config.rank``; cast to ``config.compute_dtype`` first
+        (Keras autocasting).
+    params, state
+        Weights in ``config.param_dtype`` with shape ``config.param_shape``.
+    training
+        ``True``: batch statistics (and state updates); ``False``: moving
+        statistics. (The layer maps ``None`` to ``False`` as the v1 layer does.)
+    config
+        Resolved settings; see `BNConfig`.
+    mask
+        Optional weights broadcastable to ``x`` after a trailing axis is added
+        (``x.shape[:-1]`` usually); non-fused only, as in TF (the fused path
+        ignores it and the layer warns).
+    adjustment
+        ``adjustment(shape) -> (scale, bias)``, applied in training only.
+    trainable
+        ``False`` reproduces a frozen v1 layer: batch statistics are still used
+        in training, but the moving mean/variance (and renorm's moving stddev)
+        are not updated. Renorm's own ``renorm_mean``/``renorm_stddev`` still
+        are, as in tf-keras, where those updates bypass ``add_update``.
+
+    Returns
+    -------
+    y, new_state
+        ``y`` has ``x``'s shape and ``config.compute_dtype``; ``new_state`` holds new
+        arrays (the inputs are never mutated).
+    """
+    if xp is None:
+        xp = array_namespace(x, *(p for p in params if p is not None), *(s for s in state if s is not None))
+    compute_dtype = dtype_from_name(xp, config.compute_dtype)
+    param_dtype = dtype_from_name(xp, config.param_dtype)
+    if x.dtype != compute_dtype:
+        x = xp.astype(x, compute_dtype)
+    if config.fused:
+        return _fused(x, params, state, training=training, config=config, trainable=trainable, xp=xp)
+    return _non_fused(
+        x,
+        params,
+        state,
+        training=training,
+        config=config,
+        mask=mask,
+        adjustment=adjustment,
+        trainable=trainable,
+        param_dtype=param_dtype,
+        xp=xp,
+    )
+
+
+def _fused(
+    x: Array, params: BNParams, state: BNState, *, training: bool, config: BNConfig, trainable: bool, xp: ModuleType
+) -> tuple[Array, BNState]:
+    """The ``FusedBatchNormV3`` kernel's arithmetic (float32 accumulation)."""
+    (ch,) = config.axis
+    ndim = x.ndim
+    out_dtype = x.dtype
+    xf = x if x.dtype == xp.float32 else xp.astype(x, xp.float32)
+    bshape = tuple(x.shape[i] if i == ch else 1 for i in range(ndim))
+    dev = _device_of(x)
+    gamma, beta = params
+    if gamma is None:
+        gamma = xp.ones(config.param_shape, dtype=xp.float32, device=dev)
+    if beta is None:
+        beta = xp.zeros(config.param_shape, dtype=xp.float32, device=dev)
+    gamma = xp.reshape(xp.astype(gamma, xp.float32), bshape)
+    beta = xp.reshape(xp.astype(beta, xp.float32), bshape)
+    eps = _f32_round(config.epsilon, xp, dev)
+    axes = tuple(i for i in range(ndim) if i != ch)
+    if training:
+        mean = xp.mean(xf, axis=axes, keepdims=True)
+        centered = xf - mean
+        variance = xp.mean(centered * centered, axis=axes, keepdims=True)
+        scaling = gamma / xp.sqrt(variance + eps)
+        y = centered * scaling + beta
+        new_state = state
+        if trainable:
+            n = math.prod(x.shape[i] for i in axes)
+            bessel = n / max(n - 1, 1)
+            bmean = xp.reshape(mean, config.param_shape)
+            bvar = xp.reshape(variance, config.param_shape)
+            if config.fused_avg_updates:
+                new_mean = fused_moving_update(state.moving_mean, bmean, config.momentum, xp=xp)
+                new_var = fused_moving_update(
+                    state.moving_variance, bvar, config.momentum, bessel=bessel, xp=xp
+                )
+            else:  # momentum given as a non-Python number: the assign_sub form
+                bvar = bvar * xp.asarray(bessel, dtype=bvar.dtype, device=dev)
+                new_mean = assign_moving_average(state.moving_mean, bmean, config.momentum, xp=xp)
+                new_var = assign_moving_average(state.moving_variance, bvar, config.momentum, xp=xp)
+            new_state = state._replace(moving_mean=new_mean, moving_variance=new_var)
+    else:
+        mean = xp.reshape(xp.astype(state.moving_mean, xp.float32), bshape)
+        variance = xp.reshape(xp.astype(state.moving_variance, xp.float32), bshape)
+        scaling = gamma / xp.sqrt(variance + eps)
+        y = (xf - mean) * scaling + beta
+        new_state = state
+    if y.dtype != out_dtype:
+        y = xp.astype(y, out_dtype)
+    return y, new_state
+
+
+def _non_fused(
+    x: Array,
+    params: BNParams,
+    state: BNState,
+    *,
+    training: bool,
+    config: BNConfig,
+    mask: Array | None,
+    adjustment: Callable[[tuple[int, ...]], tuple[Any, Any]] | None,
+    trainable: bool,
+    param_dtype: Any,
+    xp: ModuleType,
+) -> tuple[Array, BNState]:
+    """tf-keras's non-fused path: moments, moving averages, renorm, ghost batches."""
+    vbs = config.virtual_batch_size
+    original_shape = tuple(x.shape)
+    axis = tuple(config.axis)
+    if vbs is not None:
+        batch = original_shape[0]
+        if training:
+            if batch % vbs != 0:
+                msg = (
+                    f"virtual_batch_size={vbs} must divide the batch size, but the input has "
+                    f"batch size {batch} (shape {original_shape}). Use a batch whose size is a "
+                    f"multiple of {vbs}."
+                )
+                raise ValueError(msg)
+            x = xp.reshape(x, (vbs, batch // vbs, *original_shape[1:]))
+        else:
+            x = xp.reshape(x, (batch, 1, *original_shape[1:]))
+        axis = tuple(a + 1 for a in axis)
+    out_dtype = x.dtype
+    if _is_half(out_dtype, xp):  # all math in float32 for 16-bit inputs, as tf-keras
+        x = xp.astype(x, xp.float32)
+    ndim = x.ndim
+    reduction_axes = _reduction_axes(ndim, axis, vbs is not None)
+    bshape = _broadcast_shape(ndim, axis, x.shape)
+    gamma, beta = params
+    scale = _reshape_param(gamma, bshape, xp)
+    offset = _reshape_param(beta, bshape, xp)
+    new_state = state
+    if not training:
+        mean = _reshape_param(state.moving_mean, bshape, xp)
+        variance = _reshape_param(state.moving_variance, bshape, xp)
+    else:
+        if adjustment is not None:
+            adj_scale, adj_bias = adjustment(tuple(x.shape))
+            adj_scale = _as_array(adj_scale, x, xp)
+            adj_bias = _as_array(adj_bias, x, xp)
+            scale, offset = compose_transforms(adj_scale, adj_bias, scale, offset)
+        xs = x if x.dtype == param_dtype else xp.astype(x, param_dtype)
+        if mask is None:
+            mean, variance = moments(xs, reduction_axes, xp=xp)
+        else:
+            weights = _mask_weights(mask, xs, config, xp)
+            mean, variance = weighted_moments(xs, reduction_axes, weights, xp=xp)
+        if vbs is not None:
+            new_mean = xp.mean(mean, axis=1, keepdims=True)
+            new_variance = xp.mean(variance, axis=1, keepdims=True)
+        else:
+            new_mean, new_variance = mean, variance
+        new_mean = xp.reshape(new_mean, config.param_shape)
+        new_variance = xp.reshape(new_variance, config.param_shape)
+
+        if config.renorm:
+            r, d, stddev = renorm_correction(
+                new_mean,
+                new_variance,
+                state.renorm_mean,
+                state.renorm_stddev,
+                epsilon=config.epsilon,
+                clipping=config.renorm_clipping,
+                xp=xp,
+            )
+            new_state = new_state._replace(
+                renorm_mean=assign_moving_average(state.renorm_mean, new_mean, config.renorm_momentum, xp=xp),
+                renorm_stddev=assign_moving_average(state.renorm_stddev, stddev, config.renorm_momentum, xp=xp),
+            )
+            scale, offset = compose_transforms(
+                _reshape_param(r, bshape, xp), _reshape_param(d, bshape, xp), scale, offset
+            )
+
+        if trainable:
+            moving_mean = assign_moving_average(state.moving_mean, new_mean, config.momentum, xp=xp)
+            if config.renorm:
+                moving_stddev = assign_moving_average(
+                    state.moving_stddev, xp.sqrt(new_variance + config.epsilon), config.momentum, xp=xp
+                )
+                sq = moving_stddev * moving_stddev - config.epsilon
+                moving_variance = xp.where(sq > 0, sq, xp.zeros_like(sq))
+                new_state = new_state._replace(moving_stddev=moving_stddev)
+            else:
+                moving_variance = assign_moving_average(state.moving_variance, new_variance, config.momentum, xp=xp)
+            new_state = new_state._replace(moving_mean=moving_mean, moving_variance=moving_variance)
+
+    mean = xp.astype(mean, x.dtype)
+    variance = xp.astype(variance, x.dtype)
+    if offset is not None:
+        offset = xp.astype(offset, x.dtype)
+    if scale is not None:
+        scale = xp.astype(scale, x.dtype)
+    y = normalize(x, mean, variance, offset, scale, config.epsilon, xp=xp)
+    if y.dtype != out_dtype:
+        y = xp.astype(y, out_dtype)
+    if vbs is not None:
+        y = xp.reshape(y, original_shape)
+    return y, new_state
+
+
+def _is_half(dtype: Any, xp: ModuleType) -> bool:
+    """float16 or bfloat16 (compared one by one: ``numpy.dtype == None`` is True for float64)."""
+    bf16 = getattr(xp, "bfloat16", None)
+    return dtype == xp.float16 or (bf16 is not None and dtype == bf16)
+
+
+def _as_array(value: Any, like: Array, xp: ModuleType) -> Array:
+    """An adjustment result as an array of ``like``'s dtype and device."""
+    if isinstance(value, (int, float)):
+        return xp.asarray(value, dtype=like.dtype, device=_device_of(like))
+    return xp.astype(value, like.dtype)
+
+
+def _mask_weights(mask: Array, x: Array, config: BNConfig, xp: ModuleType) -> Array:
+    """``expand_dims(cast(mask, compute_dtype), -1)``, checked to broadcast with ``x``."""
+    compute_dtype = dtype_from_name(xp, config.compute_dtype)
+    w = mask if mask.dtype == compute_dtype else xp.astype(mask, compute_dtype)
+    w = xp.expand_dims(w, axis=-1)
+    try:
+        _broadcast_shapes(tuple(w.shape), tuple(x.shape))
+    except ValueError as err:
+        msg = (
+            f"The mask of shape {tuple(mask.shape)} does not broadcast against the input of shape "
+            f"{tuple(x.shape)} once a trailing axis is added (TensorFlow expands the mask with "
+            "expand_dims(mask, -1)). Pass a mask of the input's shape without its last axis."
+        )
+        raise ValueError(msg) from err
+    return xp.astype(w, x.dtype)
+
+
+def _broadcast_shapes(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    n = max(len(a), len(b))
+    a = (1,) * (n - len(a)) + a
+    b = (1,) * (n - len(b)) + b
+    out = []
+    for p, q in zip(a, b, strict=True):
+        if p != q and p != 1 and q != 1:
+            msg = f"shapes {a} and {b} do not broadcast"
+            raise ValueError(msg)
+        out.append(q if p == 1 else p)
+    return tuple(out)

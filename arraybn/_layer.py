@@ -1,0 +1,481 @@
+"""``BatchNormalization``: a thin stateful, Keras-compatible shell over the functional core."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from types import ModuleType
+from typing import Any
+
+from . import constraints as _constraints
+from . import initializers as _initializers
+from . import regularizers as _regularizers
+from ._functional import BNConfig, BNParams, BNState, batch_norm
+from ._namespace import array_device, array_namespace, dtype_from_name, is_array, numpy_namespace, to_numpy
+from ._policy import Policy, get_policy
+from ._validation import (
+    check_axis_argument,
+    check_renorm_clipping,
+    check_virtual_batch,
+    param_shape,
+    resolve_fused,
+    validate_axis,
+)
+
+__all__ = ["BatchNormalization"]
+
+Array = Any
+
+# Keyword arguments of the Keras base layer that a BatchNormalization accepts.
+_BASE_KWARGS = frozenset(
+    {"dtype", "input_shape", "batch_input_shape", "batch_size", "input_dim", "weights", "autocast", "dynamic"}
+)
+_name_counts: dict[str, int] = {}
+
+
+def _unique_name(base: str) -> str:
+    n = _name_counts.get(base, 0)
+    _name_counts[base] = n + 1
+    return base if n == 0 else f"{base}_{n}"
+
+
+class BatchNormalization:
+    """Layer that normalizes its inputs (``tf.compat.v1.keras.layers.BatchNormalization``).
+
+    Batch normalization keeps the mean output close to 0 and its standard
+    deviation close to 1, and works differently in training and inference.
+
+    **During training** (``training=True``) the layer normalizes with the mean
+    and variance of the current batch: ``gamma * (x - mean(x)) / sqrt(var(x) +
+    epsilon) + beta``, and updates the moving statistics:
+    ``moving = moving - (moving - batch) * (1 - momentum)``.
+
+    **During inference** (``training=False``, and ``training=None``, which the
+    v1 layer treats as inference) it uses the moving statistics instead.
+
+    **``trainable=False``** (v1 meaning): the weights are reported as
+    non-trainable and the moving statistics are frozen, but a call with
+    ``training=True`` still normalizes with the batch statistics (TF2's layer
+    would switch to inference instead).
+
+    The arguments, defaults, weight names and order, ``get_config`` keys and
+    exception types are TensorFlow's; every TensorFlow behaviour this layer
+    reproduces is listed in ``docs/semantics.md``. Inputs may come from any
+    Array API namespace; the weights are created on the first call (or by
+    `build`) in the input's namespace and on its device.
+
+    Examples
+    --------
+    >>> import numpy as np, arraybn
+    >>> layer = arraybn.BatchNormalization()
+    >>> x = np.arange(12.0, dtype=np.float32).reshape(4, 3)
+    >>> y = layer(x, training=True)
+    >>> [round(float(v), 3) for v in layer.moving_mean]
+    [0.045, 0.055, 0.065]
+    """
+
+    def __init__(
+        self,
+        axis: int | Sequence[int] = -1,
+        momentum: float = 0.99,
+        epsilon: float = 1e-3,
+        center: bool = True,
+        scale: bool = True,
+        beta_initializer: Any = "zeros",
+        gamma_initializer: Any = "ones",
+        moving_mean_initializer: Any = "zeros",
+        moving_variance_initializer: Any = "ones",
+        beta_regularizer: Any = None,
+        gamma_regularizer: Any = None,
+        beta_constraint: Any = None,
+        gamma_constraint: Any = None,
+        renorm: bool = False,
+        renorm_clipping: dict[str, Any] | None = None,
+        renorm_momentum: float = 0.99,
+        fused: bool | None = None,
+        trainable: bool = True,
+        virtual_batch_size: int | None = None,
+        adjustment: Callable[[tuple[int, ...]], tuple[Any, Any]] | None = None,
+        name: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.pop("synchronized", None)  # the v1 layer drops it
+        for key in kwargs:
+            if key not in _BASE_KWARGS:
+                msg = f"Keyword argument not understood: {key}"
+                raise TypeError(msg)
+        self.axis: int | list[int] = check_axis_argument(axis)
+        self._policy: Policy = get_policy(kwargs.get("dtype"))
+        self.momentum = momentum
+        self.epsilon = epsilon
+        self.center = center
+        self.scale = scale
+        self.beta_initializer = _initializers.get(beta_initializer)
+        self.gamma_initializer = _initializers.get(gamma_initializer)
+        self.moving_mean_initializer = _initializers.get(moving_mean_initializer)
+        self.moving_variance_initializer = _initializers.get(moving_variance_initializer)
+        self.beta_regularizer = _regularizers.get(beta_regularizer)
+        self.gamma_regularizer = _regularizers.get(gamma_regularizer)
+        self.beta_constraint = _constraints.get(beta_constraint)
+        self.gamma_constraint = _constraints.get(gamma_constraint)
+        self.renorm = renorm
+        self.virtual_batch_size = virtual_batch_size
+        self.adjustment = adjustment
+        self.fused = True if fused is None else fused  # v1: None means "fused where possible"
+        self.trainable = trainable
+        if renorm:
+            self.renorm_clipping = check_renorm_clipping(renorm_clipping)
+            self.renorm_momentum = renorm_momentum
+        self.name = name if name is not None else _unique_name("batch_normalization")
+        self.supports_masking = True
+        self._batch_input_shape = _batch_input_shape(kwargs)
+        self._initial_weights = kwargs.get("weights")
+        self._autocast = kwargs.get("autocast", True)
+        self._built = False
+        self._xp: ModuleType | None = None
+        self._device: Any = None
+        self._config: BNConfig | None = None
+        self._input_ndim: int | None = None
+        self._input_axes: dict[int, int] = {}
+        self._vars: dict[str, Array] = {}
+        self._activity_losses: list[Array] = []
+
+    # ------------------------------------------------------------------ dtypes
+    @property
+    def dtype_policy(self) -> Policy:
+        return self._policy
+
+    @property
+    def dtype(self) -> str:
+        """The policy's variable dtype (Keras's ``layer.dtype``)."""
+        return self._policy.variable_dtype
+
+    @property
+    def compute_dtype(self) -> str:
+        return self._policy.compute_dtype
+
+    @property
+    def built(self) -> bool:
+        return self._built
+
+    # ------------------------------------------------------------------- build
+    def build(self, input_shape: Sequence[int], *, xp: ModuleType | None = None, device: Any = None) -> None:
+        """Create the weights for inputs of ``input_shape`` in namespace ``xp`` on ``device``.
+
+        Called by the first ``__call__`` with the input's namespace and device;
+        call it yourself to set weights before the first call (default: NumPy).
+        Raises before creating anything when the shape does not suit the layer.
+        """
+        if self._built:
+            return
+        xp = numpy_namespace() if xp is None else xp
+        shape = tuple(int(s) for s in input_shape)
+        axes = validate_axis(self.axis, shape)
+        rank = len(shape)
+        check_virtual_batch(self.virtual_batch_size, axes, self.adjustment)
+        fused = resolve_fused(
+            self.fused,
+            rank=rank,
+            axes=axes,
+            renorm=self.renorm,
+            virtual_batch_size=self.virtual_batch_size,
+            adjustment=self.adjustment,
+            compute_dtype=self._policy.compute_dtype,
+        )
+        pshape = param_shape(shape, axes, self.virtual_batch_size)
+        param_dtype = dtype_from_name(xp, self._policy.param_dtype)
+        dtype_from_name(xp, self._policy.compute_dtype)
+        config = BNConfig(
+            axis=tuple(axes),
+            rank=rank,
+            param_shape=pshape,
+            momentum=self.momentum,
+            epsilon=self.epsilon,
+            fused=fused,
+            fused_avg_updates=isinstance(self.momentum, (float, int)),
+            renorm=bool(self.renorm),
+            renorm_clipping=dict(getattr(self, "renorm_clipping", {}) or {}),
+            renorm_momentum=getattr(self, "renorm_momentum", 0.99),
+            virtual_batch_size=self.virtual_batch_size,
+            compute_dtype=self._policy.compute_dtype,
+            param_dtype=self._policy.param_dtype,
+        )
+
+        def make(init: Any) -> Array:
+            return _initialize(init, pshape, param_dtype, xp, device)
+
+        new_vars: dict[str, Array] = {}
+        if self.scale:
+            new_vars["gamma"] = make(self.gamma_initializer)
+        if self.center:
+            new_vars["beta"] = make(self.beta_initializer)
+        new_vars["moving_mean"] = make(self.moving_mean_initializer)
+        new_vars["moving_variance"] = make(self.moving_variance_initializer)
+        if self.renorm:
+            new_vars["moving_stddev"] = xp.sqrt(make(self.moving_variance_initializer))
+            new_vars["renorm_mean"] = make(self.moving_mean_initializer)
+            new_vars["renorm_stddev"] = xp.sqrt(make(self.moving_variance_initializer))
+        if self._initial_weights is not None:
+            new_vars = self._converted_weights(self._initial_weights, new_vars, xp, param_dtype, device)
+
+        # Everything succeeded: commit (TF mutates axis/fused in build the same way).
+        self._xp, self._device, self._config = xp, device, config
+        self._vars = new_vars
+        self.fused = fused
+        self.axis = [a + 1 for a in axes] if self.virtual_batch_size is not None else axes
+        self._input_ndim = rank
+        self._input_axes = {a: shape[a] for a in axes}
+        self._built = True
+
+    # -------------------------------------------------------------------- call
+    def __call__(self, inputs: Array, training: Any = None, mask: Array | None = None) -> Array:
+        """Normalize ``inputs``; ``training=None`` means inference (the v1 learning phase 0)."""
+        xp = array_namespace(inputs) if mask is None else array_namespace(inputs, mask)
+        if not self._built:
+            self.build(tuple(inputs.shape), xp=xp, device=array_device(inputs))
+        else:
+            self._check_input(inputs, xp)
+        assert self._config is not None
+        training = _training_value(training)
+        config = self._config
+        if config.fused and mask is not None:
+            warnings.warn(
+                "Masking is not supported with `fused=True`. You should either turn off fusing "
+                "(`fused=False`) or you should not pass a `mask` argument when calling the layer. "
+                "For the moment `mask` will be ignored for the normalization.",
+                UserWarning,
+                stacklevel=2,
+            )
+            mask = None
+        v = self._vars
+        params = BNParams(v.get("gamma"), v.get("beta"))
+        state = BNState(
+            v["moving_mean"], v["moving_variance"], v.get("moving_stddev"), v.get("renorm_mean"), v.get("renorm_stddev")
+        )
+        y, new_state = batch_norm(
+            inputs,
+            params,
+            state,
+            training=training,
+            config=config,
+            mask=mask,
+            adjustment=self.adjustment,
+            trainable=bool(self.trainable),
+            xp=xp,
+        )
+        self._vars = {**v, **{k: a for k, a in new_state._asdict().items() if a is not None}}
+        return y
+
+    def _check_input(self, inputs: Array, xp: ModuleType) -> None:
+        """Keras's ``InputSpec`` check, plus the namespace and device the weights live in."""
+        shape = tuple(inputs.shape)
+        if len(shape) != self._input_ndim:
+            msg = (
+                f'Input 0 of layer "{self.name}" is incompatible with the layer: expected '
+                f"ndim={self._input_ndim}, found ndim={len(shape)}. Full shape received: {shape}"
+            )
+            raise ValueError(msg)
+        for a, size in self._input_axes.items():
+            if shape[a] != size:
+                msg = (
+                    f'Input 0 of layer "{self.name}" is incompatible with the layer: expected axis '
+                    f"{a} of input shape to have value {size}, but received input with shape {shape}"
+                )
+                raise ValueError(msg)
+        assert self._xp is not None
+        if xp.__name__ != self._xp.__name__:
+            msg = (
+                f'Layer "{self.name}" holds its weights in {self._xp.__name__} but was called with an '
+                f"array of {xp.__name__}. Convert the input to {self._xp.__name__} (arraybn never "
+                "copies between libraries silently), or build a separate layer."
+            )
+            raise TypeError(msg)
+        dev = array_device(inputs)
+        if self._device is not None and dev != self._device:
+            msg = (
+                f'Layer "{self.name}" holds its weights on device {self._device!r} but the input is on '
+                f"{dev!r}. Move the input to {self._device!r} first."
+            )
+            raise ValueError(msg)
+
+    # ----------------------------------------------------------------- weights
+    @property
+    def weight_names(self) -> list[str]:
+        """Short names of `weights`, in TF's order (``gamma``, ``beta``, ``moving_mean``, ...)."""
+        return list(self._vars)
+
+    @property
+    def weights(self) -> list[Array]:
+        return list(self._vars.values())
+
+    variables = weights
+
+    @property
+    def trainable_weights(self) -> list[Array]:
+        if not self.trainable:
+            return []
+        return [self._vars[k] for k in ("gamma", "beta") if k in self._vars]
+
+    @property
+    def non_trainable_weights(self) -> list[Array]:
+        if not self.trainable:
+            return self.weights
+        return [a for k, a in self._vars.items() if k not in ("gamma", "beta")]
+
+    def get_weights(self) -> list[Any]:
+        """NumPy copies of `weights` (host copies for device arrays), in TF's order."""
+        return [to_numpy(w) for w in self._vars.values()]
+
+    def set_weights(self, weights: Sequence[Any]) -> None:
+        """Replace the weights (TF's order and shapes); all or nothing."""
+        if not self._built:
+            msg = (
+                f'You called `set_weights(weights)` on layer "{self.name}" with a weight list of length '
+                f"{len(weights)}, but the layer was expecting 0 weights. Call the layer (or `build`) first."
+            )
+            raise ValueError(msg)
+        assert self._xp is not None and self._config is not None
+        param_dtype = dtype_from_name(self._xp, self._config.param_dtype)
+        self._vars = self._converted_weights(weights, self._vars, self._xp, param_dtype, self._device)
+
+    def _converted_weights(
+        self, weights: Sequence[Any], current: dict[str, Array], xp: ModuleType, dtype: Any, device: Any
+    ) -> dict[str, Array]:
+        if len(weights) != len(current):
+            msg = (
+                f'You called `set_weights(weights)` on layer "{self.name}" with a weight list of length '
+                f"{len(weights)}, but the layer was expecting {len(current)} weights "
+                f"({', '.join(current)})."
+            )
+            raise ValueError(msg)
+        out = {}
+        for (name, ref), w in zip(current.items(), weights, strict=True):
+            shape = tuple(getattr(w, "shape", ()))
+            if not hasattr(w, "shape"):
+                import numpy as np
+
+                w = np.asarray(w)
+                shape = w.shape
+            if shape != tuple(ref.shape):
+                msg = (
+                    f"Layer {self.name} weight shape {tuple(ref.shape)} is not compatible with provided "
+                    f"weight shape {shape} (weight '{name}')."
+                )
+                raise ValueError(msg)
+            out[name] = _to_namespace(w, xp, dtype, device)
+        return out
+
+    def _weight(self, name: str) -> Array | None:
+        return self._vars.get(name)
+
+    gamma = property(lambda self: self._weight("gamma"), doc="Scale (None when ``scale=False`` or unbuilt).")
+    beta = property(lambda self: self._weight("beta"), doc="Offset (None when ``center=False`` or unbuilt).")
+    moving_mean = property(lambda self: self._weight("moving_mean"))
+    moving_variance = property(lambda self: self._weight("moving_variance"))
+    moving_stddev = property(lambda self: self._weight("moving_stddev"), doc="Renorm only.")
+    renorm_mean = property(lambda self: self._weight("renorm_mean"), doc="Renorm only.")
+    renorm_stddev = property(lambda self: self._weight("renorm_stddev"), doc="Renorm only.")
+
+    # ------------------------------------------------------ losses, constraints
+    @property
+    def losses(self) -> list[Array]:
+        """Regularization penalties of the current weights: gamma's, then beta's."""
+        out = list(self._activity_losses)
+        if "gamma" in self._vars and self.gamma_regularizer is not None:
+            out.append(self.gamma_regularizer(self._vars["gamma"]))
+        if "beta" in self._vars and self.beta_regularizer is not None:
+            out.append(self.beta_regularizer(self._vars["beta"]))
+        return out
+
+    def apply_constraints(self) -> None:
+        """Project gamma and beta with their constraints, as Keras's optimizer does after an update."""
+        new = dict(self._vars)
+        if "gamma" in new and self.gamma_constraint is not None:
+            new["gamma"] = self.gamma_constraint(new["gamma"])
+        if "beta" in new and self.beta_constraint is not None:
+            new["beta"] = self.beta_constraint(new["beta"])
+        self._vars = new
+
+    # ------------------------------------------------------------------ config
+    def get_config(self) -> dict[str, Any]:
+        """TF's config keys and values (renorm / virtual_batch_size keys only when set)."""
+        config: dict[str, Any] = {"name": self.name, "trainable": self.trainable, "dtype": self._policy.serialize()}
+        if self._batch_input_shape is not None:
+            config["batch_input_shape"] = self._batch_input_shape
+        config.update(
+            {
+                "axis": self.axis,
+                "momentum": self.momentum,
+                "epsilon": self.epsilon,
+                "center": self.center,
+                "scale": self.scale,
+                "beta_initializer": _initializers.serialize(self.beta_initializer),
+                "gamma_initializer": _initializers.serialize(self.gamma_initializer),
+                "moving_mean_initializer": _initializers.serialize(self.moving_mean_initializer),
+                "moving_variance_initializer": _initializers.serialize(self.moving_variance_initializer),
+                "beta_regularizer": _regularizers.serialize(self.beta_regularizer),
+                "gamma_regularizer": _regularizers.serialize(self.gamma_regularizer),
+                "beta_constraint": _constraints.serialize(self.beta_constraint),
+                "gamma_constraint": _constraints.serialize(self.gamma_constraint),
+            }
+        )
+        if self.renorm:
+            config["renorm"] = True
+            config["renorm_clipping"] = self.renorm_clipping
+            config["renorm_momentum"] = self.renorm_momentum
+        if self.virtual_batch_size is not None:
+            config["virtual_batch_size"] = self.virtual_batch_size
+        if self.adjustment is not None:
+            warnings.warn(
+                "The `adjustment` function of this `BatchNormalization` layer cannot be serialized and "
+                "has been omitted from the layer config. It will not be included when re-creating the "
+                "layer from the saved config.",
+                UserWarning,
+                stacklevel=2,
+            )
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> BatchNormalization:
+        return cls(**config)
+
+    def __repr__(self) -> str:
+        state = "built" if self._built else "unbuilt"
+        return f"<arraybn.BatchNormalization name={self.name!r} axis={self.axis} {state}>"
+
+
+def _batch_input_shape(kwargs: dict[str, Any]) -> list[Any] | None:
+    if "batch_input_shape" in kwargs:
+        return list(kwargs["batch_input_shape"])
+    if "input_shape" in kwargs:
+        return [kwargs.get("batch_size"), *kwargs["input_shape"]]
+    if "input_dim" in kwargs:
+        return [kwargs.get("batch_size"), kwargs["input_dim"]]
+    return None
+
+
+def _training_value(training: Any) -> bool:
+    """v1 semantics: ``None`` is the learning phase, 0 (inference) outside ``fit``."""
+    if training is None:
+        return False
+    return bool(training)
+
+
+def _to_namespace(w: Any, xp: ModuleType, dtype: Any, device: Any) -> Array:
+    """``w`` as an array of ``xp``/``dtype``/``device``; other libraries go through NumPy."""
+    if is_array(w) and array_namespace(w).__name__ == xp.__name__:
+        out = w
+    else:
+        out = xp.asarray(to_numpy(w) if is_array(w) else w, device=device)
+    return xp.astype(out, dtype) if out.dtype != dtype else xp.asarray(out, copy=True)
+
+
+def _initialize(init: Any, shape: tuple[int, ...], dtype: Any, xp: ModuleType, device: Any) -> Array:
+    if isinstance(init, _initializers.Initializer):
+        return init(shape, dtype, xp=xp, device=device)
+    value = init(shape, dtype=dtype)  # a user callable (shape, dtype) -> array-like
+    out = _to_namespace(value, xp, dtype, device)
+    if tuple(out.shape) != shape:
+        out = xp.broadcast_to(out, shape)
+    return out
+

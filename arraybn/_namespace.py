@@ -1,0 +1,112 @@
+"""The only module that talks to array-api-compat: namespaces, devices, host copies.
+
+Everything else in arraybn receives an ``xp`` namespace and never imports a
+backend. Backend-specific knowledge (how to get a NumPy copy of a CuPy, torch,
+dask or array-api-strict array) lives here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+import array_api_compat
+from array_api_compat import device as array_device
+
+__all__ = [
+    "array_device",
+    "array_namespace",
+    "dtype_from_name",
+    "dtype_name",
+    "is_array",
+    "numpy_namespace",
+    "to_numpy",
+]
+
+_FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
+
+
+def array_namespace(*arrays: Any) -> ModuleType:
+    """Return the (compat-wrapped where needed) namespace shared by ``arrays``.
+
+    Raises ``TypeError`` when the arrays come from different libraries, with a
+    message that names them.
+    """
+    try:
+        return array_api_compat.array_namespace(*arrays)
+    except TypeError as err:
+        kinds = sorted({type(a).__module__ + "." + type(a).__name__ for a in arrays if a is not None})
+        msg = (
+            "arraybn needs every array of one call (input, mask and the layer's weights) "
+            f"to come from one array library; got {', '.join(kinds)}. Convert the input "
+            "to the library the layer was built with, or build a new layer. "
+            f"({err})"
+        )
+        raise TypeError(msg) from err
+
+
+def is_array(x: Any) -> bool:
+    """True for an array of any namespace array-api-compat knows."""
+    return bool(array_api_compat.is_array_api_obj(x))
+
+
+def numpy_namespace() -> ModuleType:
+    """The compat-wrapped NumPy namespace (the default for ``build`` without ``xp``)."""
+    import numpy as np  # local: ``import arraybn`` must not import a backend
+
+    return array_api_compat.array_namespace(np.empty(0))
+
+
+def dtype_name(xp: ModuleType, dtype: Any) -> str:
+    """Name of a floating dtype of ``xp`` ('float32', ...), or ``str(dtype)``."""
+    for name in _FLOAT_NAMES:
+        candidate = getattr(xp, name, None)
+        if candidate is not None and dtype == candidate:
+            return name
+    return str(dtype)
+
+
+def dtype_from_name(xp: ModuleType, name: str) -> Any:
+    """The dtype object of ``xp`` called ``name``; a clear error where ``xp`` lacks it."""
+    dtype = getattr(xp, name, None)
+    if dtype is None:
+        msg = (
+            f"The array namespace {xp.__name__} has no {name} dtype; the dtype policy of this "
+            "layer needs it. Use a namespace that has it (torch and JAX have bfloat16) or "
+            "another dtype policy."
+        )
+        raise TypeError(msg)
+    return dtype
+
+
+def to_numpy(x: Any) -> Any:
+    """A NumPy copy of an array from any namespace (host copy for GPU arrays).
+
+    bfloat16 arrays (torch, JAX) come back as float32, NumPy having no bfloat16.
+    """
+    import numpy as np
+
+    if isinstance(x, np.ndarray):
+        return x.copy()
+    if array_api_compat.is_torch_array(x):
+        import torch
+
+        t = x.detach()
+        if t.dtype == torch.bfloat16:
+            t = t.float()
+        return t.cpu().numpy().copy()
+    if array_api_compat.is_cupy_array(x):
+        return x.get()
+    if array_api_compat.is_dask_array(x):
+        return np.asarray(x.compute())
+    if array_api_compat.is_jax_array(x):
+        if str(x.dtype) == "bfloat16":
+            x = x.astype("float32")
+        return np.asarray(x)
+    mod = type(x).__module__
+    if mod.startswith("array_api_strict"):
+        import array_api_strict
+
+        x = x.to_device(array_api_strict.Device("CPU_DEVICE"))
+        return np.asarray(x)
+    return np.asarray(x)

@@ -1,0 +1,81 @@
+"""Keras dtype policies: which dtype the layer computes in and stores its weights in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Policy", "get_policy"]
+
+_POLICIES = {
+    "float32": ("float32", "float32"),
+    "float64": ("float64", "float64"),
+    "float16": ("float16", "float16"),
+    "bfloat16": ("bfloat16", "bfloat16"),
+    "mixed_float16": ("float16", "float32"),
+    "mixed_bfloat16": ("bfloat16", "float32"),
+}
+_ALIASES = {"double": "float64", "half": "float16", "float": "float32"}
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A dtype policy (``tf.keras.mixed_precision.Policy``).
+
+    ``compute_dtype`` is what inputs are cast to and what the layer returns;
+    ``variable_dtype`` is the policy's weight dtype. Batch normalization
+    stores its weights in float32 whenever the policy's dtype is 16-bit
+    (``param_dtype``), as tf-keras does.
+    """
+
+    name: str
+
+    @property
+    def compute_dtype(self) -> str:
+        return _POLICIES[self.name][0]
+
+    @property
+    def variable_dtype(self) -> str:
+        return _POLICIES[self.name][1]
+
+    @property
+    def param_dtype(self) -> str:
+        v = self.variable_dtype
+        return "float32" if v in ("float16", "bfloat16") else v
+
+    @property
+    def is_mixed(self) -> bool:
+        return self.name.startswith("mixed_")
+
+    def serialize(self) -> Any:
+        """What a Keras layer's ``get_config()["dtype"]`` holds for this policy."""
+        if not self.is_mixed:
+            return self.name
+        return {
+            "module": "keras.mixed_precision",
+            "class_name": "Policy",
+            "config": {"name": self.name},
+            "registered_name": None,
+        }
+
+
+def get_policy(dtype: Any) -> Policy:
+    """A `Policy` from ``None`` (float32), a name, a Policy, its config dict, or a dtype object."""
+    if dtype is None:
+        return Policy("float32")
+    if isinstance(dtype, Policy):
+        return dtype
+    if isinstance(dtype, dict):
+        name = (dtype.get("config") or {}).get("name")
+    elif isinstance(dtype, str):
+        name = dtype
+    else:  # a dtype object of some library: numpy.float64, torch.float16, ...
+        name = getattr(dtype, "__name__", None) or str(dtype).rsplit(".", 1)[-1]
+    name = _ALIASES.get(name, name)
+    if name not in _POLICIES:
+        msg = (
+            f"Cannot convert {dtype!r} to a dtype policy. Use one of {sorted(_POLICIES)} "
+            "(or None for float32)."
+        )
+        raise ValueError(msg)
+    return Policy(name)

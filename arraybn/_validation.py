@@ -1,0 +1,128 @@
+"""Argument checks and build-time resolution, with TensorFlow's exception types and rules.
+
+Every check raises before any state changes, and its message says what was
+received and what is allowed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = [
+    "check_axis_argument",
+    "check_renorm_clipping",
+    "check_virtual_batch",
+    "fused_can_be_used",
+    "param_shape",
+    "resolve_fused",
+    "validate_axis",
+]
+
+RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
+
+
+def check_axis_argument(axis: Any) -> int | list[int]:
+    """The constructor's ``axis``: an int, or a list/tuple of ints (kept as a list copy)."""
+    if isinstance(axis, (list, tuple)):
+        return list(axis)
+    if isinstance(axis, int):
+        return axis
+    msg = f"Expected an int or a list/tuple of ints for the argument 'axis', but received: {axis!r}"
+    raise TypeError(msg)
+
+
+def check_renorm_clipping(renorm_clipping: Any) -> dict[str, Any]:
+    """TF accepts only the keys rmax, rmin, dmax (missing ones mean inf, 0, inf)."""
+    clipping = dict(renorm_clipping or {})
+    unknown = set(clipping) - set(RENORM_CLIPPING_KEYS)
+    if unknown:
+        msg = (
+            f"Received invalid keys for `renorm_clipping` argument: {renorm_clipping}. "
+            f"Supported values: {list(RENORM_CLIPPING_KEYS)}."
+        )
+        raise ValueError(msg)
+    return clipping
+
+
+def validate_axis(axis: int | Sequence[int], shape: Sequence[int]) -> list[int]:
+    """``tf_utils.validate_axis``: normalize negatives, check range and duplicates."""
+    rank = len(shape)
+    if not rank:
+        msg = f"Input has undefined rank. Received: input_shape={tuple(shape)}"
+        raise ValueError(msg)
+    axes = [axis] if isinstance(axis, int) else list(axis)
+    for i, a in enumerate(axes):
+        if a < 0:
+            axes[i] = rank + a
+    for a in axes:
+        if a < 0 or a >= rank:
+            msg = (
+                "Invalid value for `axis` argument. Expected 0 <= axis < inputs.rank (with "
+                f"inputs.rank={rank}). Received: axis={tuple(axes)}"
+            )
+            raise ValueError(msg)
+    if len(axes) != len(set(axes)):
+        msg = f"Duplicate axis: {tuple(axes)}"
+        raise ValueError(msg)
+    return axes
+
+
+def check_virtual_batch(virtual_batch_size: Any, axes: Sequence[int], adjustment: Any) -> None:
+    """Build-time checks of ``virtual_batch_size`` (a positive int, batch axis not normalized, no adjustment)."""
+    if virtual_batch_size is None:
+        return
+    if virtual_batch_size <= 0:
+        msg = (
+            "`virtual_batch_size` must be a positive integer that divides the true batch size "
+            f"of the input tensor. Received: virtual_batch_size={virtual_batch_size}"
+        )
+        raise ValueError(msg)
+    if 0 in axes:
+        msg = (
+            "When using `virtual_batch_size`, the batch dimension must be 0 and thus axis "
+            f"cannot include 0. Received axis={list(axes)}"
+        )
+        raise ValueError(msg)
+    if adjustment is not None:
+        msg = "When using `virtual_batch_size`, adjustment cannot be specified"
+        raise ValueError(msg)
+
+
+def fused_can_be_used(
+    *, renorm: bool, axes: Sequence[int], virtual_batch_size: Any, adjustment: Any, compute_dtype: str
+) -> bool:
+    """``_fused_can_be_used`` with the axis already normalized (TF checks it after ``validate_axis``)."""
+    if renorm or len(axes) > 1 or axes[0] not in (-4, -3, -1, 1, 3, 4):
+        return False
+    if virtual_batch_size is not None or adjustment is not None:
+        return False
+    return compute_dtype in ("float16", "bfloat16", "float32")
+
+
+def resolve_fused(fused: Any, *, rank: int, axes: Sequence[int], **options: Any) -> bool:
+    """The effective ``fused`` of the v1 layer after ``build``.
+
+    The v1 layer turns ``fused=None`` into ``True`` in ``__init__``; ``build``
+    then keeps it only for rank 4/5 inputs when the fused kernel can be used,
+    and only with the channel axis 1 or 3 (rank 4) or 1 or 4 (rank 5). Anything
+    else falls back to the non-fused path *silently*, ``fused=True`` included
+    (unlike TF2's layer, which raises).
+    """
+    if fused is False:
+        return False
+    if rank not in (4, 5) or not fused_can_be_used(axes=axes, **options):
+        return False
+    a = list(axes)
+    return (rank == 4 and a in ([1], [3])) or (rank == 5 and a in ([1], [4]))
+
+
+def param_shape(shape: Sequence[int], axes: Sequence[int], virtual_batch_size: Any) -> tuple[int, ...]:
+    """Weight shape: ``(C,)`` for one axis; full rank with 1s otherwise, plus a ghost axis."""
+    rank = len(shape)
+    if len(axes) == 1 and virtual_batch_size is None:
+        return (int(shape[axes[0]]),)
+    out = [int(shape[i]) if i in axes else 1 for i in range(rank)]
+    if virtual_batch_size is not None:
+        out.insert(1, 1)
+    return tuple(out)

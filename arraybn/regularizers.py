@@ -1,0 +1,141 @@
+"""Weight regularizers with Keras's names, factors and configs.
+
+A regularizer maps a weight array to a 0-d array (the penalty); the layer's
+``losses`` lists them in TF's order (gamma's, then beta's). As in Keras, the
+factors are stored rounded to float32 (``backend.cast_to_floatx``), which is
+also what ``get_config`` reports.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from typing import Any
+
+from ._serialization import Registry
+
+__all__ = ["L1", "L1L2", "L2", "Regularizer", "deserialize", "get", "serialize"]
+
+
+def _floatx(value: float) -> float:
+    """Round a Python number to float32 and back (``backend.cast_to_floatx``)."""
+    return struct.unpack("f", struct.pack("f", float(value)))[0]
+
+
+def _check_penalty_number(x: Any) -> None:
+    if not isinstance(x, (float, int)) or isinstance(x, bool):
+        msg = f"Value {x} is not a valid regularization penalty number, expected an int or float value."
+        raise ValueError(msg)
+    if math.isinf(x) or math.isnan(x):
+        msg = (
+            f"Value {x} is not a valid regularization penalty number, "
+            "an infinite number or NaN are not valid values."
+        )
+        raise ValueError(msg)
+
+
+class Regularizer:
+    """Base class: ``__call__(w) -> 0-d array``."""
+
+    def __call__(self, w: Any) -> Any:
+        return 0.0
+
+    def get_config(self) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Regularizer:
+        return cls(**config)
+
+
+_registry = Registry("regularizer", "keras.regularizers", Regularizer)
+
+
+def _xp(w: Any) -> Any:
+    from ._namespace import array_namespace
+
+    return array_namespace(w)
+
+
+@_registry.register()
+class L1L2(Regularizer):
+    """``l1 * sum(|w|) + l2 * sum(w**2)`` (class defaults 0; the name ``"l1_l2"`` means 0.01 each)."""
+
+    def __init__(self, l1: float = 0.0, l2: float = 0.0) -> None:
+        l1 = 0.0 if l1 is None else l1
+        l2 = 0.0 if l2 is None else l2
+        _check_penalty_number(l1)
+        _check_penalty_number(l2)
+        self.l1, self.l2 = _floatx(l1), _floatx(l2)
+
+    def __call__(self, w: Any) -> Any:
+        xp = _xp(w)
+        reg = xp.zeros((), dtype=w.dtype, device=w.device)
+        if self.l1:
+            reg = reg + self.l1 * xp.sum(xp.abs(w))
+        if self.l2:
+            # TF: 2.0 * l2 * tf.nn.l2_loss(w), l2_loss = sum(w**2) / 2
+            reg = reg + (2.0 * self.l2) * (xp.sum(w * w) / 2.0)
+        return reg
+
+    def get_config(self) -> dict[str, Any]:
+        return {"l1": self.l1, "l2": self.l2}
+
+
+@_registry.register()
+class L1(Regularizer):
+    """``l1 * sum(|w|)`` (default 0.01)."""
+
+    def __init__(self, l1: float = 0.01, **kwargs: Any) -> None:
+        l1 = kwargs.pop("l", l1)
+        if kwargs:
+            msg = f"Argument(s) not recognized: {kwargs}"
+            raise TypeError(msg)
+        l1 = 0.01 if l1 is None else l1
+        _check_penalty_number(l1)
+        self.l1 = _floatx(l1)
+
+    def __call__(self, w: Any) -> Any:
+        xp = _xp(w)
+        return self.l1 * xp.sum(xp.abs(w))
+
+    def get_config(self) -> dict[str, Any]:
+        return {"l1": self.l1}
+
+
+@_registry.register()
+class L2(Regularizer):
+    """``l2 * sum(w**2)`` (default 0.01)."""
+
+    def __init__(self, l2: float = 0.01, **kwargs: Any) -> None:
+        l2 = kwargs.pop("l", l2)
+        if kwargs:
+            msg = f"Argument(s) not recognized: {kwargs}"
+            raise TypeError(msg)
+        l2 = 0.01 if l2 is None else l2
+        _check_penalty_number(l2)
+        self.l2 = _floatx(l2)
+
+    def __call__(self, w: Any) -> Any:
+        xp = _xp(w)
+        return self.l2 * xp.sum(w * w)
+
+    def get_config(self) -> dict[str, Any]:
+        return {"l2": self.l2}
+
+
+def get(identifier: Any) -> Any:
+    """A regularizer from a name (``"l1"``, ``"l2"``, ``"l1_l2"``), config, instance or callable."""
+    if identifier == "l1_l2":
+        return deserialize(identifier)
+    return _registry.get(identifier)
+
+
+def serialize(regularizer: Any) -> Any:
+    return _registry.serialize(regularizer)
+
+
+def deserialize(config: Any) -> Any:
+    if config == "l1_l2":  # the name's defaults differ from the class's (Keras)
+        return L1L2(l1=0.01, l2=0.01)
+    return _registry.deserialize(config)

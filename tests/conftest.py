@@ -1,0 +1,109 @@
+"""Backend fixtures: every test that takes ``xp`` runs once per installed namespace.
+
+``ARRAYBN_TEST_BACKENDS=numpy,array_api_strict`` restricts the set (CI picks
+its own); by default every importable backend runs. GPU backends (CuPy,
+torch CUDA) skip with the reason shown when no GPU is present.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from enum import Enum
+
+import pytest
+
+
+class Backend(Enum):
+    NUMPY = "numpy"
+    ARRAY_API_STRICT = "array_api_strict"
+    TORCH = "torch"
+    TORCH_CUDA = "torch_cuda"
+    CUPY = "cupy"
+    JAX = "jax"
+    DASK = "dask"
+
+
+def _selected() -> set[str] | None:
+    env = os.environ.get("ARRAYBN_TEST_BACKENDS")
+    return None if not env else {b.strip() for b in env.split(",") if b.strip()}
+
+
+def _namespace(backend: Backend):  # type: ignore[no-untyped-def]
+    """(compat namespace, device) for ``backend``, or pytest.skip with the reason."""
+    import array_api_compat
+
+    sel = _selected()
+    if sel is not None and backend.value not in sel:
+        pytest.skip(f"{backend.value} not in ARRAYBN_TEST_BACKENDS")
+    if backend is Backend.NUMPY:
+        import numpy as np
+
+        return array_api_compat.array_namespace(np.empty(0)), None
+    if backend is Backend.ARRAY_API_STRICT:
+        xp = pytest.importorskip("array_api_strict")
+        xp.set_array_api_strict_flags(api_version="2024.12")
+        return xp, None
+    if backend in (Backend.TORCH, Backend.TORCH_CUDA):
+        torch = pytest.importorskip("torch")
+        if backend is Backend.TORCH_CUDA:
+            if not torch.cuda.is_available():
+                pytest.skip("torch CUDA: no GPU on this machine")
+            return array_api_compat.array_namespace(torch.empty(0)), torch.device("cuda")
+        return array_api_compat.array_namespace(torch.empty(0)), torch.device("cpu")
+    if backend is Backend.CUPY:
+        try:
+            cp = importlib.import_module("cupy")
+            cp.cuda.runtime.getDeviceCount()
+        except Exception as err:  # ImportError, or CUDA runtime errors without a GPU
+            pytest.skip(f"cupy: no usable GPU ({type(err).__name__}: {err})")
+        return array_api_compat.array_namespace(cp.empty(0)), None
+    if backend is Backend.JAX:
+        jax = pytest.importorskip("jax")
+        jax.config.update("jax_enable_x64", True)
+        import jax.numpy as jnp
+
+        return array_api_compat.array_namespace(jnp.empty(0)), None
+    if backend is Backend.DASK:
+        da = pytest.importorskip("dask.array")
+        return array_api_compat.array_namespace(da.empty(0)), None
+    raise AssertionError(backend)
+
+
+@pytest.fixture(params=list(Backend), ids=[b.value for b in Backend])
+def backend(request: pytest.FixtureRequest) -> Backend:
+    return request.param
+
+
+@pytest.fixture
+def backend_name(backend: Backend) -> str:
+    return backend.value
+
+
+@pytest.fixture
+def xp_device(backend: Backend):  # type: ignore[no-untyped-def]
+    return _namespace(backend)
+
+
+@pytest.fixture
+def xp(xp_device):  # type: ignore[no-untyped-def]
+    return xp_device[0]
+
+
+@pytest.fixture
+def device(xp_device):  # type: ignore[no-untyped-def]
+    return xp_device[1]
+
+
+@pytest.fixture
+def asarray(xp, device):  # type: ignore[no-untyped-def]
+    """NumPy -> the backend under test, on its device."""
+
+    def convert(a, dtype=None):  # type: ignore[no-untyped-def]
+        import numpy as np
+
+        a = np.asarray(a)
+        out = xp.asarray(a, device=device) if device is not None else xp.asarray(a)
+        return out if dtype is None else xp.astype(out, dtype)
+
+    return convert
