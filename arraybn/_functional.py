@@ -522,9 +522,13 @@ def _non_fused(
 
 
 def _is_half(dtype: Any, xp: ModuleType) -> bool:
-    """float16 or bfloat16 (compared one by one: ``numpy.dtype == None`` is True for float64)."""
-    bf16 = getattr(xp, "bfloat16", None)
-    return dtype == xp.float16 or (bf16 is not None and dtype == bf16)
+    """float16 or bfloat16 where ``xp`` has them (the standard has neither).
+
+    Compared one by one: ``numpy.dtype(...) == None`` is True for float64.
+    """
+    return any(
+        (half := getattr(xp, name, None)) is not None and dtype == half for name in ("float16", "bfloat16")
+    )
 
 
 def _as_array(value: Any, like: Array, xp: ModuleType) -> Array:

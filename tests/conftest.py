@@ -107,3 +107,27 @@ def asarray(xp, device):  # type: ignore[no-untyped-def]
         return out if dtype is None else xp.astype(out, dtype)
 
     return convert
+
+
+def _backend_of(nodeid: str) -> str:
+    """The backend id inside a test id's brackets (``test_x[torch_cuda-shape0]`` -> ``torch_cuda``)."""
+    if "[" not in nodeid:
+        return "backend-free"
+    parts = nodeid[nodeid.index("[") + 1 : -1].split("-")
+    return next((b.value for b in Backend if b.value in parts), "backend-free")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):  # type: ignore[no-untyped-def]
+    """Per-backend counts, so a CI log shows which namespaces really ran."""
+    counts: dict[str, dict[str, int]] = {}
+    for outcome in ("passed", "failed", "skipped", "xfailed", "error"):
+        for rep in terminalreporter.stats.get(outcome, []):
+            if getattr(rep, "when", "call") not in ("call", "setup") or (outcome == "passed" and rep.when != "call"):
+                continue
+            name = _backend_of(getattr(rep, "nodeid", ""))
+            counts.setdefault(name, {}).setdefault(outcome, 0)
+            counts[name][outcome] += 1
+    terminalreporter.section("tests per backend")
+    for name in sorted(counts):
+        parts = ", ".join(f"{n} {o}" for o, n in sorted(counts[name].items()))
+        terminalreporter.write_line(f"{name:>18}: {parts}")
