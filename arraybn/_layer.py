@@ -28,7 +28,17 @@ Array = Any
 
 # Keyword arguments of the Keras base layer that a BatchNormalization accepts.
 _BASE_KWARGS = frozenset(
-    {"dtype", "input_shape", "batch_input_shape", "batch_size", "input_dim", "weights", "autocast", "dynamic"}
+    {
+        "dtype",
+        "input_shape",
+        "batch_input_shape",
+        "batch_size",
+        "input_dim",
+        "weights",
+        "autocast",
+        "dynamic",
+        "activity_regularizer",
+    }
 )
 _name_counts: dict[str, int] = {}
 
@@ -130,7 +140,7 @@ class BatchNormalization:
         self.supports_masking = True
         self._batch_input_shape = _batch_input_shape(kwargs)
         self._initial_weights = kwargs.get("weights")
-        self._autocast = kwargs.get("autocast", True)
+        self.activity_regularizer = _regularizers.get(kwargs.get("activity_regularizer"))
         self._built = False
         self._xp: ModuleType | None = None
         self._device: Any = None
@@ -264,7 +274,15 @@ class BatchNormalization:
             xp=xp,
         )
         self._vars = {**v, **{k: a for k, a in new_state._asdict().items() if a is not None}}
+        self._activity_losses = []
+        if self.activity_regularizer is not None:
+            # Keras: the penalty of the output divided by the batch size
+            loss = self.activity_regularizer(y)
+            self._activity_losses = [loss / y.shape[0]]
         return y
+
+    def compute_output_shape(self, input_shape: Sequence[Any]) -> tuple[Any, ...]:
+        return tuple(input_shape)
 
     def _check_input(self, inputs: Array, xp: ModuleType) -> None:
         """Keras's ``InputSpec`` check, plus the namespace and device the weights live in."""
@@ -379,7 +397,7 @@ class BatchNormalization:
     # ------------------------------------------------------ losses, constraints
     @property
     def losses(self) -> list[Array]:
-        """Regularization penalties of the current weights: gamma's, then beta's."""
+        """Penalties: the last call's activity regularization, then gamma's and beta's regularizers."""
         out = list(self._activity_losses)
         if "gamma" in self._vars and self.gamma_regularizer is not None:
             out.append(self.gamma_regularizer(self._vars["gamma"]))
