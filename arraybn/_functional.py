@@ -430,6 +430,9 @@ def _non_fused(
     original_shape = tuple(x.shape)
     axis = tuple(config.axis)
     if vbs is not None:
+        if not isinstance(vbs, int) or isinstance(vbs, bool):
+            msg = f"virtual_batch_size must be an integer; received virtual_batch_size={vbs!r}."
+            raise ValueError(msg)
         batch = original_shape[0]
         if training:
             if batch % vbs != 0:
@@ -459,9 +462,7 @@ def _non_fused(
     else:
         if adjustment is not None:
             adj_scale, adj_bias = adjustment(tuple(x.shape))
-            adj_scale = _as_array(adj_scale, x, xp)
-            adj_bias = _as_array(adj_bias, x, xp)
-            scale, offset = compose_transforms(adj_scale, adj_bias, scale, offset)
+            scale, offset = compose_transforms(_as_array(adj_scale, x, xp), _as_array(adj_bias, x, xp), scale, offset)
         xs = x if x.dtype == param_dtype else xp.astype(x, param_dtype)
         if mask is None:
             mean, variance = moments(xs, reduction_axes, xp=xp)
@@ -501,7 +502,7 @@ def _non_fused(
                     state.moving_stddev, xp.sqrt(new_variance + config.epsilon), config.momentum, xp=xp
                 )
                 sq = moving_stddev * moving_stddev - config.epsilon
-                moving_variance = xp.where(sq > 0, sq, xp.zeros_like(sq))
+                moving_variance = xp.maximum(sq, xp.zeros_like(sq))  # relu; NaN stays NaN as in TF
                 new_state = new_state._replace(moving_stddev=moving_stddev)
             else:
                 moving_variance = assign_moving_average(state.moving_variance, new_variance, config.momentum, xp=xp)
@@ -510,9 +511,9 @@ def _non_fused(
     mean = xp.astype(mean, x.dtype)
     variance = xp.astype(variance, x.dtype)
     if offset is not None:
-        offset = xp.astype(offset, x.dtype)
+        offset = _cast_like_tf(offset, x, xp)
     if scale is not None:
-        scale = xp.astype(scale, x.dtype)
+        scale = _cast_like_tf(scale, x, xp)
     y = normalize(x, mean, variance, offset, scale, config.epsilon, xp=xp)
     if y.dtype != out_dtype:
         y = xp.astype(y, out_dtype)
@@ -531,10 +532,21 @@ def _is_half(dtype: Any, xp: ModuleType) -> bool:
     )
 
 
-def _as_array(value: Any, like: Array, xp: ModuleType) -> Array:
-    """An adjustment result as an array of ``like``'s dtype and device."""
+def _as_array(value: Any, like: Array, xp: ModuleType) -> Any:
+    """An adjustment result: Python numbers stay numbers (see `_cast_like_tf`), arrays take ``like``'s dtype."""
     if isinstance(value, (int, float)):
-        return xp.asarray(value, dtype=like.dtype, device=_device_of(like))
+        return value
+    return xp.astype(value, like.dtype)
+
+
+def _cast_like_tf(value: Any, like: Array, xp: ModuleType) -> Array:
+    """``tf.cast(value, like.dtype)``: a Python number becomes a float32 tensor first.
+
+    Only an adjustment's plain-number scale or bias can reach the final cast
+    without having met a weight (which would have given it the weight's dtype).
+    """
+    if isinstance(value, (int, float)):
+        return xp.astype(xp.asarray(value, dtype=xp.float32, device=_device_of(like)), like.dtype)
     return xp.astype(value, like.dtype)
 
 
@@ -544,7 +556,9 @@ def _mask_weights(mask: Array, x: Array, config: BNConfig, xp: ModuleType) -> Ar
     w = mask if mask.dtype == compute_dtype else xp.astype(mask, compute_dtype)
     w = xp.expand_dims(w, axis=-1)
     try:
-        _broadcast_shapes(tuple(w.shape), tuple(x.shape))
+        if _broadcast_shapes(tuple(w.shape), tuple(x.shape)) != tuple(x.shape):
+            msg = "the broadcast result is larger than the input"
+            raise ValueError(msg)
     except ValueError as err:
         msg = (
             f"The mask of shape {tuple(mask.shape)} does not broadcast against the input of shape "

@@ -179,6 +179,12 @@ class BatchNormalization:
         if self._built:
             return
         xp = numpy_namespace() if xp is None else xp
+        if not self._policy.is_floating:
+            msg = (
+                f"BatchNormalization needs a floating-point dtype policy; layer {self.name!r} has "
+                f"dtype={self._policy.name!r}. Use 'float32', 'float64', 'mixed_float16', ..."
+            )
+            raise ValueError(msg)
         shape = tuple(int(s) for s in input_shape)
         axes = validate_axis(self.axis, shape)
         rank = len(shape)
@@ -247,6 +253,7 @@ class BatchNormalization:
             self._check_input(inputs, xp)
         assert self._config is not None
         training = _training_value(training)
+        _check_call_numbers(self.momentum, self.epsilon)
         config = self._config
         if config.fused and mask is not None:
             warnings.warn(
@@ -470,6 +477,24 @@ def _batch_input_shape(kwargs: dict[str, Any]) -> list[Any] | None:
     if "input_dim" in kwargs:
         return [kwargs.get("batch_size"), kwargs["input_dim"]]
     return None
+
+
+def _check_call_numbers(momentum: Any, epsilon: Any) -> None:
+    """TF accepts any momentum/epsilon at construction and fails when it first uses them."""
+    if not _is_real(epsilon):
+        msg = f"epsilon must be a real number; received epsilon={epsilon!r}."
+        raise ValueError(msg)
+    if not _is_real(momentum):
+        msg = f"momentum must be a real number; received momentum={momentum!r}."
+        raise TypeError(msg)
+
+
+def _is_real(value: Any) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return not isinstance(value, (str, bytes, bool))
 
 
 def _training_value(training: Any) -> bool:

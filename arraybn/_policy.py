@@ -16,6 +16,9 @@ _POLICIES = {
     "mixed_bfloat16": ("bfloat16", "float32"),
 }
 _ALIASES = {"double": "float64", "half": "float16", "float": "float32"}
+# Dtypes TF accepts as a layer dtype although batch normalization cannot run in them:
+# the error comes when the layer is called (TF: InvalidArgumentError from its kernels).
+_NON_FLOAT = frozenset({"int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "bool"})
 
 
 @dataclass(frozen=True)
@@ -32,11 +35,15 @@ class Policy:
 
     @property
     def compute_dtype(self) -> str:
-        return _POLICIES[self.name][0]
+        return _POLICIES.get(self.name, (self.name, self.name))[0]
 
     @property
     def variable_dtype(self) -> str:
-        return _POLICIES[self.name][1]
+        return _POLICIES.get(self.name, (self.name, self.name))[1]
+
+    @property
+    def is_floating(self) -> bool:
+        return self.name in _POLICIES
 
     @property
     def param_dtype(self) -> str:
@@ -72,10 +79,10 @@ def get_policy(dtype: Any) -> Policy:
     else:  # a dtype object of some library: numpy.float64, torch.float16, ...
         name = getattr(dtype, "__name__", None) or str(dtype).rsplit(".", 1)[-1]
     name = _ALIASES.get(name, name)
-    if name not in _POLICIES:
+    if name not in _POLICIES and name not in _NON_FLOAT:
         msg = (
             f"Cannot convert {dtype!r} to a dtype policy. Use one of {sorted(_POLICIES)} "
             "(or None for float32)."
         )
-        raise ValueError(msg)
+        raise TypeError(msg)
     return Policy(name)

@@ -124,14 +124,35 @@ class L2(Regularizer):
         return {"l2": self.l2}
 
 
+class UnknownRegularizer(Regularizer):
+    """An unrecognized regularizer name.
+
+    tf-keras keeps such a name as it is and fails only when the penalty is
+    computed (``layer.losses``), with a ``TypeError``; arraybn does the same,
+    with a message that names the problem.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self, w: Any) -> Any:
+        known = sorted(k for k in _registry.classes if k.islower())
+        msg = f"Unknown regularizer: {self.name!r} cannot compute a penalty. Known names: {known}."
+        raise TypeError(msg)
+
+
 def get(identifier: Any) -> Any:
     """A regularizer from a name (``"l1"``, ``"l2"``, ``"l1_l2"``), config, instance or callable."""
     if identifier == "l1_l2":
         return deserialize(identifier)
+    if isinstance(identifier, str) and identifier not in _registry.classes:
+        return UnknownRegularizer(identifier)
     return _registry.get(identifier)
 
 
 def serialize(regularizer: Any) -> Any:
+    if isinstance(regularizer, UnknownRegularizer):
+        return regularizer.name
     return _registry.serialize(regularizer)
 
 

@@ -104,8 +104,31 @@ def test_unknown_names():
         arraybn.BatchNormalization(gamma_constraint="nope")
     with pytest.raises(ValueError, match="not a valid regularization penalty number"):
         arraybn.BatchNormalization(gamma_regularizer={"class_name": "L1", "config": {"l1": float("nan")}})
-    with pytest.raises(ValueError, match="Cannot convert 'int8' to a dtype policy"):
-        arraybn.BatchNormalization(dtype="int8")
+    with pytest.raises(TypeError, match="Cannot convert 'mixed_int8' to a dtype policy"):
+        arraybn.BatchNormalization(dtype="mixed_int8")
+    # TF accepts these at construction and fails when the layer runs
+    layer = arraybn.BatchNormalization(dtype="int8")
+    with pytest.raises(ValueError, match="needs a floating-point dtype policy"):
+        layer(np.ones((4, 3), dtype=np.float32))
+    layer = arraybn.BatchNormalization(gamma_regularizer="no_such_regularizer")
+    layer(np.ones((4, 3), dtype=np.float32))
+    with pytest.raises(TypeError, match="Unknown regularizer: 'no_such_regularizer'"):
+        _ = layer.losses
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"epsilon": None}, ValueError, "epsilon must be a real number"),
+        ({"epsilon": "a"}, ValueError, "epsilon must be a real number"),
+        ({"momentum": None}, TypeError, "momentum must be a real number"),
+        ({"virtual_batch_size": 1.5}, ValueError, "virtual_batch_size must be an integer"),
+    ],
+)
+def test_numbers_are_checked_when_first_used(kwargs, error, match):  # type: ignore[no-untyped-def]
+    layer = arraybn.BatchNormalization(**kwargs)
+    with pytest.raises(error, match=match):
+        layer(np.ones((4, 3), dtype=np.float32), training=True)
 
 
 def test_bfloat16_needs_a_namespace_that_has_it():
