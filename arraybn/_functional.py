@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, NamedTuple
 
-from ._namespace import array_namespace, dtype_from_name
+from ._namespace import array_namespace, dtype_from_name, is_lazy_array
 
 Array = Any
 
@@ -126,10 +126,51 @@ def moments(x: Array, axes: Sequence[int], *, xp: ModuleType) -> tuple[Array, Ar
     axes = tuple(axes)
     if not axes:
         return x, xp.zeros_like(x)
-    mean = xp.mean(x, axis=axes, keepdims=True)
-    centered = x - mean
-    variance = xp.mean(centered * centered, axis=axes, keepdims=True)
-    return mean, variance
+    spans = _stat_spans(x, axes, xp)
+    if len(spans) <= 1:
+        mean = xp.mean(x, axis=axes, keepdims=True)
+        centered = x - mean
+        variance = xp.mean(centered * centered, axis=axes, keepdims=True)
+        return mean, variance
+    # Large eager inputs: the same two passes, slice by slice along the first
+    # reduced axis so that the second pass reads the slice from cache, and the
+    # slices merged exactly (Chan, Golub & LeVeque): x is read from memory once
+    # and no input-sized temporary is made. Same accuracy class as two-pass.
+    lead = axes[0]
+    count, mean, m2 = 0, None, None
+    for start, stop in spans:
+        xk = x[(slice(None),) * lead + (slice(start, stop), ...)]
+        nk = math.prod(xk.shape[i] for i in axes)
+        mk = xp.mean(xk, axis=axes, keepdims=True)
+        dk = xk - mk
+        m2k = xp.sum(dk * dk, axis=axes, keepdims=True)
+        if mean is None:
+            count, mean, m2 = nk, mk, m2k
+            continue
+        total = count + nk
+        delta = mk - mean
+        mean = mean + delta * (nk / total)
+        m2 = m2 + m2k + delta * delta * (count * nk / total)
+        count = total
+    return mean, m2 / count
+
+
+_STAT_CHUNK_BYTES = 1 << 20  # a slice that stays in a CPU's L2 cache between the two passes
+
+
+def _stat_spans(x: Array, axes: tuple[int, ...], xp: ModuleType) -> list[tuple[int, int]]:
+    """``[start, stop)`` slices of the first reduced axis, each about ``_STAT_CHUNK_BYTES`` of ``x``.
+
+    Lazy arrays (dask, JAX under ``jit``) get one span: their scheduler or
+    compiler plans the passes itself, and slicing would only grow the graph.
+    """
+    n = x.shape[axes[0]]
+    size = math.prod(x.shape) if None not in x.shape else None
+    if n is None or size is None or n == 0 or size == 0 or is_lazy_array(x):
+        return [(0, n)]
+    row_bytes = size // n * (xp.finfo(x.dtype).bits // 8)
+    rows = max(1, _STAT_CHUNK_BYTES // row_bytes)
+    return [(i, min(i + rows, n)) for i in range(0, n, rows)]
 
 
 def weighted_moments(
@@ -177,7 +218,9 @@ def normalize(
     if scale is not None:
         inv = inv * scale
     shift = -mean * inv if offset is None else offset - mean * inv
-    return x * xp.astype(inv, x.dtype) + xp.astype(shift, x.dtype)
+    y = x * xp.astype(inv, x.dtype)
+    y += xp.astype(shift, x.dtype)  # in place on our own temporary: no second input-sized array
+    return y
 
 
 def compose_transforms(
@@ -380,11 +423,10 @@ def _fused(
     eps = _f32_round(config.epsilon, xp, dev)
     axes = tuple(i for i in range(ndim) if i != ch)
     if training:
-        mean = xp.mean(xf, axis=axes, keepdims=True)
-        centered = xf - mean
-        variance = xp.mean(centered * centered, axis=axes, keepdims=True)
+        mean, variance = moments(xf, axes, xp=xp)
         scaling = gamma / xp.sqrt(variance + eps)
-        y = centered * scaling + beta
+        y = xf * scaling  # (x - mean) * scaling + beta folded into one multiply-add per element
+        y += beta - mean * scaling
         new_state = state
         if trainable:
             n = math.prod(x.shape[i] for i in axes)
@@ -405,7 +447,8 @@ def _fused(
         mean = xp.reshape(xp.astype(state.moving_mean, xp.float32), bshape)
         variance = xp.reshape(xp.astype(state.moving_variance, xp.float32), bshape)
         scaling = gamma / xp.sqrt(variance + eps)
-        y = (xf - mean) * scaling + beta
+        y = xf * scaling
+        y += beta - mean * scaling
         new_state = state
     if y.dtype != out_dtype:
         y = xp.astype(y, out_dtype)

@@ -11,7 +11,15 @@ from . import constraints as _constraints
 from . import initializers as _initializers
 from . import regularizers as _regularizers
 from ._functional import BNConfig, BNParams, BNState, batch_norm
-from ._namespace import array_device, array_namespace, dtype_from_name, is_array, numpy_namespace, to_numpy
+from ._namespace import (
+    array_device,
+    array_namespace,
+    dtype_from_name,
+    float_errors_ignored,
+    is_array,
+    numpy_namespace,
+    to_numpy,
+)
 from ._policy import Policy, get_policy
 from ._validation import (
     check_axis_argument,
@@ -217,6 +225,21 @@ class BatchNormalization:
             param_dtype=self._policy.param_dtype,
         )
 
+        with float_errors_ignored(xp):
+            new_vars = self._create_weights(pshape, param_dtype, xp, device)
+        if self._initial_weights is not None:
+            new_vars = self._converted_weights(self._initial_weights, new_vars, xp, param_dtype, device)
+
+        # Everything succeeded: commit (TF mutates axis/fused in build the same way).
+        self._xp, self._device, self._config = xp, device, config
+        self._vars = new_vars
+        self.fused = fused
+        self.axis = [a + 1 for a in axes] if self.virtual_batch_size is not None else axes
+        self._input_ndim = rank
+        self._input_axes = {a: shape[a] for a in axes}
+        self._built = True
+
+    def _create_weights(self, pshape: tuple[int, ...], param_dtype: Any, xp: ModuleType, device: Any) -> dict[str, Array]:
         def make(init: Any) -> Array:
             return _initialize(init, pshape, param_dtype, xp, device)
 
@@ -231,17 +254,7 @@ class BatchNormalization:
             new_vars["moving_stddev"] = xp.sqrt(make(self.moving_variance_initializer))
             new_vars["renorm_mean"] = make(self.moving_mean_initializer)
             new_vars["renorm_stddev"] = xp.sqrt(make(self.moving_variance_initializer))
-        if self._initial_weights is not None:
-            new_vars = self._converted_weights(self._initial_weights, new_vars, xp, param_dtype, device)
-
-        # Everything succeeded: commit (TF mutates axis/fused in build the same way).
-        self._xp, self._device, self._config = xp, device, config
-        self._vars = new_vars
-        self.fused = fused
-        self.axis = [a + 1 for a in axes] if self.virtual_batch_size is not None else axes
-        self._input_ndim = rank
-        self._input_axes = {a: shape[a] for a in axes}
-        self._built = True
+        return new_vars
 
     # -------------------------------------------------------------------- call
     def __call__(self, inputs: Array, training: Any = None, mask: Array | None = None) -> Array:
@@ -269,17 +282,18 @@ class BatchNormalization:
         state = BNState(
             v["moving_mean"], v["moving_variance"], v.get("moving_stddev"), v.get("renorm_mean"), v.get("renorm_stddev")
         )
-        y, new_state = batch_norm(
-            inputs,
-            params,
-            state,
-            training=training,
-            config=config,
-            mask=mask,
-            adjustment=self.adjustment,
-            trainable=bool(self.trainable),
-            xp=xp,
-        )
+        with float_errors_ignored(xp):
+            y, new_state = batch_norm(
+                inputs,
+                params,
+                state,
+                training=training,
+                config=config,
+                mask=mask,
+                adjustment=self.adjustment,
+                trainable=bool(self.trainable),
+                xp=xp,
+            )
         self._vars = {**v, **{k: a for k, a in new_state._asdict().items() if a is not None}}
         self._activity_losses = []
         if self.activity_regularizer is not None:

@@ -18,7 +18,9 @@ __all__ = [
     "array_namespace",
     "dtype_from_name",
     "dtype_name",
+    "float_errors_ignored",
     "is_array",
+    "is_lazy_array",
     "numpy_namespace",
     "to_numpy",
 ]
@@ -43,6 +45,27 @@ def array_namespace(*arrays: Any) -> ModuleType:
             f"({err})"
         )
         raise TypeError(msg) from err
+
+
+def float_errors_ignored(xp: ModuleType) -> Any:
+    """A context where NumPy-backed namespaces compute NaN/inf silently, as TensorFlow does.
+
+    NumPy (and CuPy, dask on NumPy chunks) warn on invalid values such as
+    ``sqrt(-1)``; TensorFlow returns NaN without a word, and so does arraybn.
+    """
+    import contextlib
+
+    name = xp.__name__
+    if "numpy" in name or "dask" in name or "array_api_strict" in name:
+        import numpy as np
+
+        return np.errstate(all="ignore")
+    return contextlib.nullcontext()
+
+
+def is_lazy_array(x: Any) -> bool:
+    """True for arrays whose values are not known eagerly (dask, JAX tracers)."""
+    return bool(array_api_compat.is_lazy_array(x))
 
 
 def is_array(x: Any) -> bool:
