@@ -1,0 +1,262 @@
+"""Timing (median of repeated calls after warm-up) and peak-extra-memory measurement.
+
+Memory methods, chosen per backend by the caller:
+
+``tracemalloc``
+    NumPy reports every array buffer to ``tracemalloc``: exact, allocation by
+    allocation.
+``rss``
+    For libraries that bypass ``tracemalloc`` (torch CPU, TensorFlow, JAX CPU):
+    a thread samples the resident set size (``/proc/self/statm``, else psutil)
+    as fast as it can while the call runs; peak minus the value before the
+    call. glibc's adaptive mmap threshold is pinned first (``mallopt``) so that
+    freed buffers are returned to the OS and fresh ones are faulted in, which
+    is what makes RSS track allocations; as a sampled value it can miss
+    short-lived peaks, so it is a lower bound.
+``cuda`` / ``cupy``
+    ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``;
+    a CuPy memory hook that tracks the pool's allocations.
+
+In every case the reported number is *extra* memory: the peak minus what was
+allocated before the call (the inputs) minus the bytes of the arrays the call
+returns (the outputs).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+
+def time_call(fn: Callable[[], Any], *, warmup: int, repeats: int) -> list[float]:
+    """Seconds per call for ``repeats`` calls after ``warmup`` untimed ones (GC off while timing)."""
+    for _ in range(warmup):
+        out = fn()
+        del out
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    times = []
+    try:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            out = fn()
+            t1 = time.perf_counter()
+            del out
+            times.append(t1 - t0)
+    finally:
+        if was_enabled:
+            gc.enable()
+    return times
+
+
+def summarize(times: Sequence[float]) -> dict[str, float]:
+    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
+    return {
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "q1_s": q[0],
+        "q3_s": q[2],
+        "repeats": len(times),
+    }
+
+
+def nbytes_of(outputs: Any) -> int:
+    """Total bytes of the arrays in ``outputs`` (nested tuples/lists allowed)."""
+    if outputs is None:
+        return 0
+    if isinstance(outputs, (tuple, list)):
+        return sum(nbytes_of(o) for o in outputs)
+    nb = getattr(outputs, "nbytes", None)
+    if isinstance(nb, int):
+        return nb
+    if callable(nb):  # some tensor types expose nbytes() (not the ones used here)
+        return int(nb())
+    size = getattr(outputs, "size", None)
+    itemsize = getattr(getattr(outputs, "dtype", None), "itemsize", None)
+    if hasattr(outputs, "element_size"):  # torch
+        return int(outputs.numel() * outputs.element_size())
+    if size is not None and itemsize is not None:
+        return int(size) * int(itemsize)
+    shape = getattr(outputs, "shape", None)
+    dtype = getattr(outputs, "dtype", None)
+    if shape is not None and dtype is not None and hasattr(dtype, "size"):  # tf.DType
+        n = dtype.size
+        for s in shape:
+            n *= int(s)
+        return n
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# tracemalloc (NumPy)
+# ---------------------------------------------------------------------------
+
+
+def extra_tracemalloc(fn: Callable[[], Any], *, calls: int = 2) -> int:
+    import tracemalloc
+
+    best = 0
+    started = not tracemalloc.is_tracing()
+    if started:
+        tracemalloc.start()
+    try:
+        for _ in range(calls):
+            gc.collect()
+            base = tracemalloc.get_traced_memory()[0]
+            tracemalloc.reset_peak()
+            out = fn()
+            peak = tracemalloc.get_traced_memory()[1]
+            best = max(best, peak - base - nbytes_of(out))
+            del out
+    finally:
+        if started:
+            tracemalloc.stop()
+    return best
+
+
+# ---------------------------------------------------------------------------
+# RSS sampling (torch CPU, TensorFlow, JAX CPU)
+# ---------------------------------------------------------------------------
+
+_MALLOC_PINNED = False
+
+
+def pin_malloc() -> None:
+    """Make glibc return freed large buffers to the OS (fixed mmap threshold); no-op elsewhere.
+
+    Call after the timings: it changes allocation cost (every large buffer is
+    freshly mapped), so it is applied only for the memory phase.
+    """
+    global _MALLOC_PINNED
+    if _MALLOC_PINNED or not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: 1 MiB, fixed (disables the adaptive threshold)
+        libc.mallopt(-1, 1 << 20)  # M_TRIM_THRESHOLD
+        libc.malloc_trim(0)
+        _MALLOC_PINNED = True
+    except (OSError, AttributeError):
+        pass
+
+
+def _rss_reader() -> Callable[[], int]:
+    if os.path.exists("/proc/self/statm"):
+        page = os.sysconf("SC_PAGE_SIZE")
+        fd = os.open("/proc/self/statm", os.O_RDONLY)
+
+        def read() -> int:
+            return int(os.pread(fd, 128, 0).split()[1]) * page
+
+        return read
+    import psutil  # type: ignore[import-not-found]
+
+    proc = psutil.Process()
+    return lambda: int(proc.memory_info().rss)
+
+
+def extra_rss(fn: Callable[[], Any], *, calls: int = 3) -> int:
+    pin_malloc()
+    read = _rss_reader()
+    best = 0
+    old_switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        for _ in range(calls):
+            gc.collect()
+            base = read()
+            peak = [base]
+            stop = threading.Event()
+
+            def sample(peak: list[int] = peak, stop: threading.Event = stop) -> None:
+                while not stop.is_set():
+                    v = read()
+                    if v > peak[0]:
+                        peak[0] = v
+
+            t = threading.Thread(target=sample, daemon=True)
+            t.start()
+            out = fn()
+            stop.set()
+            t.join()
+            peak[0] = max(peak[0], read())
+            best = max(best, peak[0] - base - nbytes_of(out))
+            del out
+    finally:
+        sys.setswitchinterval(old_switch)
+    return max(best, 0)
+
+
+# ---------------------------------------------------------------------------
+# GPUs
+# ---------------------------------------------------------------------------
+
+
+def extra_torch_cuda(fn: Callable[[], Any], *, calls: int = 2) -> int:
+    import torch
+
+    best = 0
+    for _ in range(calls):
+        gc.collect()
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        best = max(best, peak - base - nbytes_of(out))
+        del out
+    return best
+
+
+def extra_cupy(fn: Callable[[], Any], *, calls: int = 2) -> int:
+    import cupy
+
+    class PeakHook(cupy.cuda.MemoryHook):  # type: ignore[misc,name-defined]
+        name = "arraybn-peak"
+
+        def __init__(self) -> None:
+            self.live: dict[int, int] = {}
+            self.current = 0
+            self.peak = 0
+
+        def malloc_postprocess(self, **kw: Any) -> None:  # pool allocations (device_id, size, mem_size, mem_ptr, ...)
+            self.live[kw["mem_ptr"]] = kw["mem_size"]
+            self.current += kw["mem_size"]
+            self.peak = max(self.peak, self.current)
+
+        def free_postprocess(self, **kw: Any) -> None:
+            self.current -= self.live.pop(kw["mem_ptr"], 0)
+
+    best = 0
+    for _ in range(calls):
+        gc.collect()
+        cupy.cuda.Device().synchronize()
+        hook = PeakHook()
+        with hook:
+            out = fn()
+            cupy.cuda.Device().synchronize()
+        best = max(best, hook.peak - nbytes_of(out))
+        del out
+    return best
+
+
+def extra_memory(method: str, fn: Callable[[], Any]) -> int | None:
+    if method == "tracemalloc":
+        return extra_tracemalloc(fn)
+    if method == "rss":
+        return extra_rss(fn)
+    if method == "cuda":
+        return extra_torch_cuda(fn)
+    if method == "cupy":
+        return extra_cupy(fn)
+    return None
