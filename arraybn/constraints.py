@@ -42,8 +42,15 @@ def _xp(w: Any) -> Any:
 
 
 def _norms(w: Any, axis: Any, xp: Any) -> Any:
-    ax = tuple(axis) if isinstance(axis, (list, tuple)) else axis
-    return xp.sqrt(xp.sum(w * w, axis=ax, keepdims=True))
+    axes = tuple(axis) if isinstance(axis, (list, tuple)) else (axis,)
+    for a in axes:
+        if not -w.ndim <= a < w.ndim:
+            msg = (
+                f"Constraint axis {axis!r} is out of range for a weight of shape {tuple(w.shape)}; "
+                f"use axes in [-{w.ndim}, {w.ndim})."
+            )
+            raise ValueError(msg)
+    return xp.sqrt(xp.sum(w * w, axis=axes, keepdims=True))
 
 
 @_registry.register("non_neg")
