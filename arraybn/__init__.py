@@ -7,6 +7,7 @@ array library.
 """
 
 from . import constraints, initializers, regularizers
+from ._backward import BNContext, BNGrads, batch_norm_backward, batch_norm_forward, batch_norm_vjp
 from ._functional import BNConfig, BNParams, BNState, batch_norm
 from ._layer import BatchNormalization
 from ._policy import Policy
@@ -15,12 +16,17 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BNConfig",
+    "BNContext",
+    "BNGrads",
     "BNParams",
     "BNState",
     "BatchNormalization",
     "Policy",
     "__version__",
     "batch_norm",
+    "batch_norm_backward",
+    "batch_norm_forward",
+    "batch_norm_vjp",
     "constraints",
     "initializers",
     "regularizers",

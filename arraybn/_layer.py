@@ -10,6 +10,8 @@ from typing import Any
 from . import constraints as _constraints
 from . import initializers as _initializers
 from . import regularizers as _regularizers
+from ._backward import layer_backward as _layer_backward
+from ._backward import layer_forward as _layer_forward
 from ._functional import BNConfig, BNParams, BNState, batch_norm
 from ._namespace import (
     array_device,
@@ -218,7 +220,7 @@ class BatchNormalization:
             fused=fused,
             fused_avg_updates=isinstance(self.momentum, (float, int)),
             renorm=bool(self.renorm),
-            renorm_clipping=dict(getattr(self, "renorm_clipping", {}) or {}),
+            renorm_clipping=getattr(self, "renorm_clipping", {}) or {},
             renorm_momentum=getattr(self, "renorm_momentum", 0.99),
             virtual_batch_size=self.virtual_batch_size,
             compute_dtype=self._policy.compute_dtype,
@@ -260,6 +262,12 @@ class BatchNormalization:
     def __call__(self, inputs: Array, training: Any = None, mask: Array | None = None) -> Array:
         """Normalize ``inputs``; ``training=None`` means inference (the v1 learning phase 0)."""
         xp = array_namespace(inputs) if mask is None else array_namespace(inputs, mask)
+        if mask is not None and array_device(mask) != array_device(inputs):
+            msg = (
+                f"The mask is on device {array_device(mask)!r} but the input is on "
+                f"{array_device(inputs)!r}. Put both on the same device."
+            )
+            raise ValueError(msg)
         if not self._built:
             self.build(tuple(inputs.shape), xp=xp, device=array_device(inputs))
         else:
@@ -304,6 +312,19 @@ class BatchNormalization:
 
     def compute_output_shape(self, input_shape: Sequence[Any]) -> tuple[Any, ...]:
         return tuple(input_shape)
+
+    def forward(self, inputs: Array, training: Any = True, mask: Array | None = None) -> tuple[Array, Any]:
+        """``(y, ctx)``: the same call as ``layer(inputs, training, mask)`` (same output, same
+        state update), also returning what `backward` needs. ``training`` defaults to True."""
+        return _layer_forward(self, inputs, training, mask)
+
+    def backward(self, ctx: Any, dy: Array) -> tuple[Array, dict[str, Array]]:
+        """``(dx, grads)`` for the upstream gradient ``dy`` of the `forward` that gave ``ctx``.
+
+        ``grads`` maps the trainable weights' names (``"gamma"``, ``"beta"``) to their
+        gradients; it is empty when the layer is not trainable. See docs/backward.md.
+        """
+        return _layer_backward(self, ctx, dy)
 
     def _check_input(self, inputs: Array, xp: ModuleType) -> None:
         """Keras's ``InputSpec`` check, plus the namespace and device the weights live in."""
