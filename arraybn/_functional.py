@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, NamedTuple
 
-from ._namespace import array_namespace, dtype_from_name, is_lazy_array
+from ._namespace import array_namespace, dtype_from_name, prefers_blocked_reductions, stop_gradient
 
 Array = Any
 
@@ -72,11 +72,19 @@ class BNConfig:
     fused: bool = False
     fused_avg_updates: bool = True
     renorm: bool = False
-    renorm_clipping: dict[str, Any] = field(default_factory=dict)
+    renorm_clipping: Any = ()  # a dict is accepted and stored as sorted (key, value) pairs
     renorm_momentum: float = 0.99
     virtual_batch_size: int | None = None
     compute_dtype: str = "float32"
     param_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        # Hashable, so that the config can be a static argument of jax.jit.
+        clipping = self.renorm_clipping
+        items = clipping.items() if isinstance(clipping, dict) else clipping
+        object.__setattr__(self, "renorm_clipping", tuple(sorted((str(k), v) for k, v in items)))
+        object.__setattr__(self, "axis", tuple(self.axis))
+        object.__setattr__(self, "param_shape", tuple(self.param_shape))
 
 
 # ---------------------------------------------------------------------------
@@ -86,7 +94,7 @@ class BNConfig:
 
 def _f32_round(value: float, xp: ModuleType, device: Any) -> Array:
     """``tf.convert_to_tensor(python_float)``: a float32 0-d array."""
-    return xp.asarray(value, dtype=xp.float32, device=device)
+    return xp.full((), value, dtype=xp.float32, device=device)
 
 
 def _decay(momentum: float, dtype: Any, xp: ModuleType, device: Any) -> Array:
@@ -140,7 +148,7 @@ def moments(x: Array, axes: Sequence[int], *, xp: ModuleType) -> tuple[Array, Ar
     count, mean, m2 = 0, None, None
     for start, stop in spans:
         xk = x[(slice(None),) * lead + (slice(start, stop), ...)]
-        nk = math.prod(xk.shape[i] for i in axes)
+        nk = math.prod([xk.shape[i] for i in axes])
         mk = xp.mean(xk, axis=axes, keepdims=True)
         dk = xk - mk
         m2k = xp.sum(dk * dk, axis=axes, keepdims=True)
@@ -161,12 +169,13 @@ _STAT_CHUNK_BYTES = 1 << 20  # a slice that stays in a CPU's L2 cache between th
 def _stat_spans(x: Array, axes: tuple[int, ...], xp: ModuleType) -> list[tuple[int, int]]:
     """``[start, stop)`` slices of the first reduced axis, each about ``_STAT_CHUNK_BYTES`` of ``x``.
 
-    Lazy arrays (dask, JAX under ``jit``) get one span: their scheduler or
-    compiler plans the passes itself, and slicing would only grow the graph.
+    Only eager CPU arrays are sliced: lazy arrays (dask, JAX under ``jit``,
+    ``torch.compile``) have a scheduler or compiler that plans the passes, and
+    on GPUs the slices would only add kernel launches.
     """
     n = x.shape[axes[0]]
     size = math.prod(x.shape) if None not in x.shape else None
-    if n is None or size is None or n == 0 or size == 0 or is_lazy_array(x):
+    if n is None or size is None or n == 0 or size == 0 or not prefers_blocked_reductions(x):
         return [(0, n)]
     row_bytes = size // n * (xp.finfo(x.dtype).bits // 8)
     rows = max(1, _STAT_CHUNK_BYTES // row_bytes)
@@ -266,7 +275,7 @@ def fused_moving_update(
     dev = _device_of(variable)
     f = _f32_round(1.0 - momentum, xp, dev)
     one_minus_f = 1.0 - f
-    factor = f * xp.asarray(bessel, dtype=xp.float32, device=dev) if bessel != 1.0 else f
+    factor = f * xp.full((), bessel, dtype=xp.float32, device=dev) if bessel != 1.0 else f
     value = xp.astype(batch_value, xp.float32)
     new = xp.astype(one_minus_f, variable.dtype) * variable + xp.astype(factor, variable.dtype) * xp.astype(
         value, variable.dtype
@@ -292,7 +301,7 @@ def renorm_correction(
     ``r`` and ``d`` are constants for the gradient (``stop_gradient`` in TF).
     """
     stddev = xp.sqrt(variance + epsilon)
-    floor = xp.sqrt(xp.asarray(epsilon, dtype=renorm_stddev.dtype, device=_device_of(renorm_stddev)))
+    floor = xp.sqrt(xp.full((), epsilon, dtype=renorm_stddev.dtype, device=_device_of(renorm_stddev)))
     s = xp.maximum(renorm_stddev, floor)
     r = stddev / s
     d = (mean - renorm_mean) / s
@@ -308,7 +317,7 @@ def renorm_correction(
 
 
 def _as_like(value: Any, like: Array, xp: ModuleType) -> Array:
-    return xp.asarray(value, dtype=like.dtype, device=_device_of(like))
+    return xp.full((), value, dtype=like.dtype, device=_device_of(like))
 
 
 def _device_of(x: Array) -> Any:
@@ -429,7 +438,7 @@ def _fused(
         y += beta - mean * scaling
         new_state = state
         if trainable:
-            n = math.prod(x.shape[i] for i in axes)
+            n = math.prod([x.shape[i] for i in axes])
             bessel = n / max(n - 1, 1)
             bmean = xp.reshape(mean, config.param_shape)
             bvar = xp.reshape(variance, config.param_shape)
@@ -439,7 +448,7 @@ def _fused(
                     state.moving_variance, bvar, config.momentum, bessel=bessel, xp=xp
                 )
             else:  # momentum given as a non-Python number: the assign_sub form
-                bvar = bvar * xp.asarray(bessel, dtype=bvar.dtype, device=dev)
+                bvar = bvar * xp.full((), bessel, dtype=bvar.dtype, device=dev)
                 new_mean = assign_moving_average(state.moving_mean, bmean, config.momentum, xp=xp)
                 new_var = assign_moving_average(state.moving_variance, bvar, config.momentum, xp=xp)
             new_state = state._replace(moving_mean=new_mean, moving_variance=new_var)
@@ -527,9 +536,10 @@ def _non_fused(
                 state.renorm_mean,
                 state.renorm_stddev,
                 epsilon=config.epsilon,
-                clipping=config.renorm_clipping,
+                clipping=dict(config.renorm_clipping),
                 xp=xp,
             )
+            r, d = stop_gradient(r), stop_gradient(d)  # constants for gradients, as in TF
             new_state = new_state._replace(
                 renorm_mean=assign_moving_average(state.renorm_mean, new_mean, config.renorm_momentum, xp=xp),
                 renorm_stddev=assign_moving_average(state.renorm_stddev, stddev, config.renorm_momentum, xp=xp),
@@ -589,7 +599,7 @@ def _cast_like_tf(value: Any, like: Array, xp: ModuleType) -> Array:
     without having met a weight (which would have given it the weight's dtype).
     """
     if isinstance(value, (int, float)):
-        return xp.astype(xp.asarray(value, dtype=xp.float32, device=_device_of(like)), like.dtype)
+        return xp.astype(xp.full((), value, dtype=xp.float32, device=_device_of(like)), like.dtype)
     return xp.astype(value, like.dtype)
 
 

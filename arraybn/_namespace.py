@@ -20,8 +20,9 @@ __all__ = [
     "dtype_name",
     "float_errors_ignored",
     "is_array",
-    "is_lazy_array",
+    "prefers_blocked_reductions",
     "numpy_namespace",
+    "stop_gradient",
     "to_numpy",
 ]
 
@@ -63,9 +64,35 @@ def float_errors_ignored(xp: ModuleType) -> Any:
     return contextlib.nullcontext()
 
 
-def is_lazy_array(x: Any) -> bool:
-    """True for arrays whose values are not known eagerly (dask, JAX tracers)."""
-    return bool(array_api_compat.is_lazy_array(x))
+def stop_gradient(x: Any) -> Any:
+    """``x`` as a constant for autodiff namespaces (torch, JAX); other arrays as they are.
+
+    Batch renorm's ``r`` and ``d`` are ``tf.stop_gradient``-ed in TensorFlow.
+    """
+    if array_api_compat.is_torch_array(x):
+        return x.detach()
+    if array_api_compat.is_jax_array(x):
+        import jax
+
+        return jax.lax.stop_gradient(x)
+    return x
+
+
+def prefers_blocked_reductions(x: Any) -> bool:
+    """True for eager arrays in CPU memory (NumPy, torch on CPU outside ``torch.compile``).
+
+    There, reducing cache-sized slices saves a trip through memory; anywhere
+    else (GPUs, dask, JAX, compilers) the plain two-pass form is better.
+    Decided from types and devices only: no array value is read.
+    """
+    import sys
+
+    if array_api_compat.is_numpy_array(x):
+        return True
+    if array_api_compat.is_torch_array(x):
+        torch = sys.modules["torch"]
+        return x.device.type == "cpu" and not torch.compiler.is_compiling()
+    return False
 
 
 def is_array(x: Any) -> bool:
@@ -125,15 +152,15 @@ def to_numpy(x: Any) -> Any:
     if array_api_compat.is_cupy_array(x):
         return x.get()
     if array_api_compat.is_dask_array(x):
-        return np.asarray(x.compute())
+        return np.array(x.compute(), copy=True)
     if array_api_compat.is_jax_array(x):
         if str(x.dtype) == "bfloat16":
             x = x.astype("float32")
-        return np.asarray(x)
+        return np.array(x, copy=True)
     mod = type(x).__module__
     if mod.startswith("array_api_strict"):
         import array_api_strict
 
         x = x.to_device(array_api_strict.Device("CPU_DEVICE"))
-        return np.asarray(x)
-    return np.asarray(x)
+        return np.array(x, copy=True)
+    return np.array(x, copy=True)

@@ -27,7 +27,11 @@ def _rate(counter):
 
 
 def heatmap(summary, path):
-    import matplotlib
+    """Write the pass-rate heat map; None (and no file) where matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
