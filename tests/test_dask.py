@@ -1,0 +1,240 @@
+"""dask.array: the layer is lazy, and a batch split over chunks is normalized as one batch.
+
+* The forward (training and inference, with the moving-statistics update)
+  only builds a graph: it runs under a scheduler that raises if anything is
+  computed.
+* Synchronized batch norm: the batch is split into chunks held by two worker
+  processes of a ``distributed.LocalCluster``; dask reduces the statistics
+  across chunks, so outputs and moving statistics are those of the whole
+  batch. With data whose sums are exact in float32 (small integers) they are
+  bit-identical to NumPy's; with random data the reduction order differs
+  (chunk sums, then a sum of partial sums, against NumPy's pairwise sum) and
+  they agree to a few float32 ulps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import Backend, _namespace
+
+import arraybn
+
+da = pytest.importorskip("dask.array")
+dask = pytest.importorskip("dask")
+
+EPS32 = float(np.finfo(np.float32).eps)
+
+# (id, input shape, chunks along the batch, layer kwargs, with a mask)
+CASES = [
+    ("2d-axis-1", (32, 3), {}, False),
+    ("3d-axis1", (32, 3, 5), {"axis": 1}, False),
+    ("4d-multi-axis", (32, 3, 5, 2), {"axis": [1, 3]}, False),
+    ("4d-nhwc-fused", (32, 4, 4, 3), {}, False),
+    ("4d-nchw-fused-axis1", (32, 3, 4, 4), {"axis": 1}, False),
+    ("3d-masked", (32, 6, 3), {"fused": False}, True),
+    ("2d-renorm", (32, 3), {"renorm": True, "renorm_clipping": {"rmax": 1.5, "dmax": 0.5}}, False),
+]
+IDS = [c[0] for c in CASES]
+N_CHUNKS = 4
+
+
+@pytest.fixture(autouse=True)
+def _dask_selected() -> None:
+    _namespace(Backend.DASK)  # skips when dask is not in ARRAYBN_TEST_BACKENDS
+
+
+def _data(shape: tuple[int, ...], seed: int, exact: bool) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    if exact:
+        # Mirrored small integers: the second half of the batch is ``2c - first half``, so every
+        # channel's mean is the integer ``c`` and every sum of the moments is an exact float32
+        # integer, whatever the order of the reduction.
+        half = rng.integers(-8, 9, size=(shape[0] // 2, *shape[1:]))
+        c = int(rng.integers(-3, 4))
+        return np.concatenate([half, 2 * c - half]).astype(np.float32)
+    return (rng.standard_normal(shape) * 2.0 + 0.5).astype(np.float32)
+
+
+def _mask(shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """About 3/4 of the positions; row ``i`` and row ``i + batch/2`` alike (keeps exact data exact)."""
+    m = np.random.default_rng(seed).random(shape[:-1]) < 0.75
+    half = shape[0] // 2
+    m[half:] = m[:half]
+    return m
+
+
+def _chunked(a: np.ndarray) -> Any:
+    return da.from_array(a, chunks=(a.shape[0] // N_CHUNKS, *a.shape[1:]))
+
+
+def _boom(*args: Any, **kwargs: Any) -> Any:
+    msg = "a dask graph was computed inside the forward"
+    raise AssertionError(msg)
+
+
+@contextlib.contextmanager
+def _no_compute() -> Iterator[None]:
+    with dask.config.set(scheduler=_boom):
+        yield
+
+
+def _steps(layer: arraybn.BatchNormalization, case: tuple, exact: bool, convert: Any) -> list[Any]:
+    _, shape, _, masked = case
+    outs = []
+    for step, training in enumerate((True, True, False)):
+        x = convert(_data(shape, step, exact))
+        mask = convert(_mask(shape, 10 + step)) if masked else None
+        outs.append(layer(x, training=training, mask=mask))
+    return outs
+
+
+def _compare(actual: np.ndarray, expected: np.ndarray, exact: bool, what: str) -> None:
+    assert actual.dtype == expected.dtype, what
+    if exact:
+        np.testing.assert_array_equal(actual, expected, err_msg=what)
+    else:
+        scale = max(1.0, float(np.max(np.abs(expected))))
+        np.testing.assert_allclose(actual, expected, rtol=8 * EPS32, atol=8 * EPS32 * scale, err_msg=what)
+
+
+# ---------------------------------------------------------------------------
+# Laziness
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_forward_builds_a_graph_without_computing(case) -> None:  # type: ignore[no-untyped-def]
+    layer = arraybn.BatchNormalization(**case[2])
+    with _no_compute():
+        outs = _steps(layer, case, False, _chunked)
+        assert all(isinstance(y, da.Array) for y in outs)
+        assert all(isinstance(w, da.Array) for w in layer.weights)
+        assert outs[0].chunks[0] == (case[1][0] // N_CHUNKS,) * N_CHUNKS, "the output keeps the input's chunks"
+    reference = arraybn.BatchNormalization(**case[2])
+    ref_outs = _steps(reference, case, False, np.asarray)
+    for y, y_ref in zip(dask.compute(*outs), ref_outs, strict=True):
+        _compare(y, y_ref, False, "output")
+
+
+def test_the_no_compute_trap_is_real() -> None:
+    with _no_compute(), pytest.raises(AssertionError, match="computed"):
+        _chunked(np.ones((8, 3), np.float32)).sum().compute()
+
+
+def test_get_weights_computes_and_returns_numpy() -> None:
+    layer = arraybn.BatchNormalization()
+    layer(_chunked(_data((32, 3), 0, False)), training=True)
+    with _no_compute(), pytest.raises(AssertionError, match="computed"):
+        layer.get_weights()
+    assert all(isinstance(w, np.ndarray) for w in layer.get_weights())
+
+
+def test_numpy_input_for_a_dask_layer_raises_type_error() -> None:
+    layer = arraybn.BatchNormalization()
+    layer(_chunked(_data((32, 3), 0, False)), training=True)
+    before = list(layer.weights)
+    with pytest.raises(TypeError):
+        layer(_data((32, 3), 1, False), training=True)
+    with pytest.raises(TypeError):
+        layer(_chunked(_data((32, 5, 3), 1, False))[:, 0], training=True, mask=np.ones((32,), bool))
+    assert all(a is b for a, b in zip(layer.weights, before, strict=True))
+
+
+# ---------------------------------------------------------------------------
+# Synchronized batch norm on a LocalCluster (two worker processes)
+# ---------------------------------------------------------------------------
+
+# distributed may warn about ports, sockets and event loops on busy machines;
+# that noise is the cluster's, not arraybn's, and is tolerated here only.
+DISTRIBUTED_WARNINGS = [
+    pytest.mark.filterwarnings("ignore::ResourceWarning"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:.*:UserWarning:distributed"),
+    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+]
+
+
+def _with_distributed_warnings_tolerated(f: Any) -> Any:
+    for mark in DISTRIBUTED_WARNINGS:
+        f = mark(f)
+    return f
+
+
+@pytest.fixture(scope="module")
+def client():  # type: ignore[no-untyped-def]
+    distributed = pytest.importorskip("distributed")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # cluster start-up and shut-down chatter
+        cluster = distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=40
+        )
+        c = distributed.Client(cluster, set_as_default=False)
+        c.wait_for_workers(2, timeout=120)
+    try:
+        yield c
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            c.close()
+            cluster.close()
+
+
+def _spread(client: Any, a: np.ndarray) -> Any:
+    """``a`` as a dask array whose batch chunks live on the workers in turn (chunk i on worker i % 2)."""
+    client.wait_for_workers(2, timeout=120)
+    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    assert len(workers) == 2, workers
+    step = a.shape[0] // N_CHUNKS
+    pieces = []
+    for i in range(N_CHUNKS):
+        chunk = np.ascontiguousarray(a[i * step : (i + 1) * step])
+        future = client.scatter(chunk, workers=[workers[i % len(workers)]], direct=True)
+        pieces.append(da.from_delayed(dask.delayed(future), shape=chunk.shape, dtype=chunk.dtype))
+    return da.concatenate(pieces, axis=0)
+
+
+@_with_distributed_warnings_tolerated
+@pytest.mark.parametrize("exact", [True, False], ids=["exact-data", "random-data"])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_synchronized_statistics_on_a_local_cluster(case, exact, client) -> None:  # type: ignore[no-untyped-def]
+    layer = arraybn.BatchNormalization(**case[2])
+    reference = arraybn.BatchNormalization(**case[2])
+    with _no_compute():  # nothing runs while the graph is built
+        outs = _steps(layer, case, exact, lambda a: _spread(client, a))
+    results = client.compute([*outs, *layer.weights], sync=True)
+    ref_outs = _steps(reference, case, exact, np.asarray)
+    n = len(outs)
+    for i, (y, y_ref) in enumerate(zip(results[:n], ref_outs, strict=True)):
+        _compare(np.asarray(y), y_ref, exact, f"output of step {i}")
+    for name, w, w_ref in zip(layer.weight_names, results[n:], reference.get_weights(), strict=True):
+        _compare(np.asarray(w), w_ref, exact, name)
+
+
+@_with_distributed_warnings_tolerated
+def test_both_workers_hold_part_of_the_batch(client) -> None:  # type: ignore[no-untyped-def]
+    """The chunks really are spread: each worker computes on its own part of the batch."""
+    from distributed import get_task_stream
+
+    x = _spread(client, _data((32, 3), 0, False))
+    layer = arraybn.BatchNormalization()
+    y = layer(x, training=True)
+    with get_task_stream(client) as ts:
+        client.compute([y, layer.moving_mean], sync=True)
+    assert len({t["worker"] for t in ts.data}) == 2
+
+
+def test_per_chunk_statistics_would_differ() -> None:
+    """Sanity check of the test data: normalizing each chunk on its own gives another answer."""
+    x = _data((32, 3), 0, False)
+    whole = arraybn.BatchNormalization()(x, training=True)
+    per_chunk = np.concatenate(
+        [arraybn.BatchNormalization()(c, training=True) for c in np.split(x, N_CHUNKS)], axis=0
+    )
+    assert not np.allclose(whole, per_chunk, atol=1e-3)
