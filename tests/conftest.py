@@ -1,8 +1,9 @@
 """Backend fixtures: every test that takes ``xp`` runs once per installed namespace.
 
-``ARRAYBN_TEST_BACKENDS=numpy,array_api_strict`` restricts the set (CI picks
-its own); by default every importable backend runs. GPU backends (CuPy,
-torch CUDA) skip with the reason shown when no GPU is present.
+``ARRAYBN_TEST_BACKENDS=numpy,array_api_strict`` restricts the set; by default
+every importable backend runs except JAX, which is opt-in for the generic tests
+(see ``_OPT_IN``). GPU backends (CuPy, torch CUDA) skip with the reason shown
+when no GPU is present.
 """
 
 from __future__ import annotations
@@ -24,18 +25,33 @@ class Backend(Enum):
     DASK = "dask"
 
 
+# JAX runs its dedicated tests (tests/test_jax.py, the JAX autodiff tests) whenever it is
+# installed; running every generic test on it too is opt-in, because tracing each small
+# case costs minutes: ARRAYBN_TEST_BACKENDS=numpy,jax (or any list naming jax).
+_OPT_IN = {"jax"}
+
+
 def _selected() -> set[str] | None:
     env = os.environ.get("ARRAYBN_TEST_BACKENDS")
-    return None if not env else {b.strip() for b in env.split(",") if b.strip()}
+    if not env:
+        return {b.value for b in Backend} - _OPT_IN
+    return {b.strip() for b in env.split(",") if b.strip()}
 
 
-def _namespace(backend: Backend):  # type: ignore[no-untyped-def]
-    """(compat namespace, device) for ``backend``, or pytest.skip with the reason."""
+def _namespace(backend: Backend, *, dedicated: bool = False):  # type: ignore[no-untyped-def]
+    """(compat namespace, device) for ``backend``, or pytest.skip with the reason.
+
+    ``dedicated=True`` is for tests written for one backend (tests/test_jax.py):
+    they run whenever the backend is installed, unless ARRAYBN_TEST_BACKENDS is
+    set and leaves it out.
+    """
     import array_api_compat
 
-    sel = _selected()
+    env = os.environ.get("ARRAYBN_TEST_BACKENDS")
+    sel = _selected() if not (dedicated and not env) else None
     if sel is not None and backend.value not in sel:
-        pytest.skip(f"{backend.value} not in ARRAYBN_TEST_BACKENDS")
+        why = "opt-in: name it in" if backend.value in _OPT_IN else "not in"
+        pytest.skip(f"{backend.value} {why} ARRAYBN_TEST_BACKENDS")
     if backend is Backend.NUMPY:
         import numpy as np
 

@@ -46,7 +46,7 @@ IDS = [c[0] for c in CONFIGS]
 
 @pytest.fixture(autouse=True)
 def _jax_selected() -> None:
-    _namespace(Backend.JAX)  # skips when jax is not in ARRAYBN_TEST_BACKENDS; enables x64 like conftest
+    _namespace(Backend.JAX, dedicated=True)  # skips without jax, or when ARRAYBN_TEST_BACKENDS leaves it out
 
 
 def _data(shape: tuple[int, ...], seed: int) -> np.ndarray:
