@@ -290,7 +290,7 @@ def renorm_correction(
     renorm_stddev: Array,
     *,
     epsilon: float,
-    clipping: dict[str, Any],
+    clipping: dict[str, Any] | tuple[tuple[str, Any], ...],
     xp: ModuleType,
 ) -> tuple[Array, Array, Array]:
     """Batch-renorm corrections ``(r, d)`` and the batch stddev.
@@ -305,6 +305,7 @@ def renorm_correction(
     s = xp.maximum(renorm_stddev, floor)
     r = stddev / s
     d = (mean - renorm_mean) / s
+    clipping = dict(clipping)  # a dict, or BNConfig's (key, value) pairs
     rmin, rmax, dmax = (clipping.get(k) for k in ("rmin", "rmax", "dmax"))
     if rmin is not None:
         r = xp.maximum(r, _as_like(rmin, r, xp))

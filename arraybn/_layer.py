@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable, Sequence
 from types import ModuleType
@@ -51,6 +52,7 @@ _BASE_KWARGS = frozenset(
     }
 )
 _name_counts: dict[str, int] = {}
+_logger = logging.getLogger("arraybn")
 
 
 def _unique_name(base: str) -> str:
@@ -485,13 +487,11 @@ class BatchNormalization:
             config["renorm_momentum"] = self.renorm_momentum
         if self.virtual_batch_size is not None:
             config["virtual_batch_size"] = self.virtual_batch_size
-        if self.adjustment is not None:
-            warnings.warn(
+        if self.adjustment is not None:  # TF logs this (logging, not the warnings module)
+            _logger.warning(
                 "The `adjustment` function of this `BatchNormalization` layer cannot be serialized and "
                 "has been omitted from the layer config. It will not be included when re-creating the "
-                "layer from the saved config.",
-                UserWarning,
-                stacklevel=2,
+                "layer from the saved config."
             )
         return config
 
