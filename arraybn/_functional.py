@@ -20,7 +20,13 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, NamedTuple
 
-from ._namespace import array_namespace, dtype_from_name, prefers_blocked_reductions, stop_gradient
+from ._namespace import (
+    array_namespace,
+    dtype_from_name,
+    optional_dtype,
+    prefers_blocked_reductions,
+    stop_gradient,
+)
 
 Array = Any
 
@@ -582,7 +588,7 @@ def _is_half(dtype: Any, xp: ModuleType) -> bool:
     Compared one by one: ``numpy.dtype(...) == None`` is True for float64.
     """
     return any(
-        (half := getattr(xp, name, None)) is not None and dtype == half for name in ("float16", "bfloat16")
+        (half := optional_dtype(xp, name)) is not None and dtype == half for name in ("float16", "bfloat16")
     )
 
 

@@ -22,6 +22,7 @@ __all__ = [
     "is_array",
     "prefers_blocked_reductions",
     "numpy_namespace",
+    "optional_dtype",
     "stop_gradient",
     "to_numpy",
 ]
@@ -116,13 +117,19 @@ def dtype_name(xp: ModuleType, dtype: Any) -> str:
     return str(dtype)
 
 
-def dtype_from_name(xp: ModuleType, name: str) -> Any:
-    """The dtype object of ``xp`` called ``name``; a clear error where ``xp`` lacks it."""
+def optional_dtype(xp: ModuleType, name: str) -> Any:
+    """The dtype of ``xp`` called ``name``, or None where ``xp`` has none (the standard has no 16-bit floats)."""
     dtype = getattr(xp, name, None)
     if dtype is None and name == "float16" and "dask" in xp.__name__:
         import numpy as np  # dask arrays take NumPy dtypes; the compat namespace omits float16
 
         dtype = np.dtype(name)
+    return dtype
+
+
+def dtype_from_name(xp: ModuleType, name: str) -> Any:
+    """The dtype object of ``xp`` called ``name``; a clear error where ``xp`` lacks it."""
+    dtype = optional_dtype(xp, name)
     if dtype is None:
         msg = (
             f"The array namespace {xp.__name__} has no {name} dtype; the dtype policy of this "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ._namespace import array_namespace
 from ._serialization import Registry
 
 __all__ = ["Constraint", "MaxNorm", "MinMaxNorm", "NonNeg", "UnitNorm", "constrain", "deserialize", "get", "serialize"]
@@ -36,8 +37,6 @@ _registry = Registry("constraint", "keras.constraints", Constraint)
 
 
 def _xp(w: Any) -> Any:
-    from ._namespace import array_namespace
-
     return array_namespace(w)
 
 

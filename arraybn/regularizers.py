@@ -12,6 +12,7 @@ import math
 import struct
 from typing import Any
 
+from ._namespace import array_device, array_namespace
 from ._serialization import Registry
 
 __all__ = ["L1", "L1L2", "L2", "Regularizer", "deserialize", "get", "serialize"]
@@ -52,8 +53,6 @@ _registry = Registry("regularizer", "keras.regularizers", Regularizer)
 
 
 def _xp(w: Any) -> Any:
-    from ._namespace import array_namespace
-
     return array_namespace(w)
 
 
@@ -70,7 +69,7 @@ class L1L2(Regularizer):
 
     def __call__(self, w: Any) -> Any:
         xp = _xp(w)
-        reg = xp.zeros((), dtype=w.dtype, device=w.device)
+        reg = xp.zeros((), dtype=w.dtype, device=array_device(w))
         if self.l1:
             reg = reg + self.l1 * xp.sum(xp.abs(w))
         if self.l2:

@@ -30,6 +30,8 @@ def main(argv=None):
     ap.add_argument("--list", action="store_true", help="list matching case ids and exit")
     ap.add_argument("--show", metavar="CASE_ID", help="print one case (metadata and arrays) as JSON")
     ap.add_argument("--max-failures", type=int, default=30, help="failures printed to stderr")
+    ap.add_argument("--stride", type=int, default=1,
+                    help="run every k-th case of each group (for slow backends such as dask)")
     a = ap.parse_args(argv)
 
     if a.show:
@@ -40,12 +42,12 @@ def main(argv=None):
         print(json.dumps(case, indent=1, sort_keys=True))
         return 0
     if a.list:
-        for _, case in runner.iter_cases(a.goldens, a.include, a.exclude):
+        for _, case in runner.iter_cases(a.goldens, a.include, a.exclude, a.stride):
             print(case["id"], case["status"])
         return 0
     s = runner.run(backend=a.backend, impl=a.impl, exec_cmd=a.exec_cmd, include=a.include, exclude=a.exclude,
                    goldens=a.goldens, xfails=a.xfails or None, report_dir=a.report,
-                   progress=not a.no_progress, exec_batch=a.exec_batch)
+                   progress=not a.no_progress, exec_batch=a.exec_batch, stride=a.stride)
     c = Counter(o.status for o in s.outcomes)
     print(f"{s.impl} on {s.backend}: {len(s.outcomes)} cases in {s.elapsed:.1f}s -- "
           + ", ".join(f"{k} {c.get(k, 0)}" for k in ("pass", "fail", "xfail", "xpass", "skip")))
