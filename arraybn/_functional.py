@@ -21,6 +21,7 @@ from types import ModuleType
 from typing import Any, NamedTuple
 
 from ._namespace import (
+    array_device,
     array_namespace,
     dtype_from_name,
     optional_dtype,
@@ -264,7 +265,7 @@ def assign_moving_average(variable: Array, value: Array, momentum: float, *, xp:
     ``variable - (variable - value) * (1 - momentum)``, which rounds
     differently from ``variable * momentum + value * (1 - momentum)``.
     """
-    dev = _device_of(variable)
+    dev = array_device(variable)
     decay = _decay(momentum, variable.dtype, xp, dev)
     return variable - (variable - xp.astype(value, variable.dtype)) * decay
 
@@ -278,7 +279,7 @@ def fused_moving_update(
     computed in float32 like the kernel's attribute; ``bessel`` is
     ``n / max(n - 1, 1)`` for the variance and 1 for the mean.
     """
-    dev = _device_of(variable)
+    dev = array_device(variable)
     f = _f32_round(1.0 - momentum, xp, dev)
     one_minus_f = 1.0 - f
     factor = f * xp.full((), bessel, dtype=xp.float32, device=dev) if bessel != 1.0 else f
@@ -307,7 +308,7 @@ def renorm_correction(
     ``r`` and ``d`` are constants for the gradient (``stop_gradient`` in TF).
     """
     stddev = xp.sqrt(variance + epsilon)
-    floor = xp.sqrt(xp.full((), epsilon, dtype=renorm_stddev.dtype, device=_device_of(renorm_stddev)))
+    floor = xp.sqrt(xp.full((), epsilon, dtype=renorm_stddev.dtype, device=array_device(renorm_stddev)))
     s = xp.maximum(renorm_stddev, floor)
     r = stddev / s
     d = (mean - renorm_mean) / s
@@ -324,13 +325,7 @@ def renorm_correction(
 
 
 def _as_like(value: Any, like: Array, xp: ModuleType) -> Array:
-    return xp.full((), value, dtype=like.dtype, device=_device_of(like))
-
-
-def _device_of(x: Array) -> Any:
-    from ._namespace import array_device
-
-    return array_device(x)
+    return xp.full((), value, dtype=like.dtype, device=array_device(like))
 
 
 # ---------------------------------------------------------------------------
@@ -428,7 +423,7 @@ def _fused(
     out_dtype = x.dtype
     xf = x if x.dtype == xp.float32 else xp.astype(x, xp.float32)
     bshape = tuple(x.shape[i] if i == ch else 1 for i in range(ndim))
-    dev = _device_of(x)
+    dev = array_device(x)
     gamma, beta = params
     if gamma is None:
         gamma = xp.ones(config.param_shape, dtype=xp.float32, device=dev)
@@ -606,7 +601,7 @@ def _cast_like_tf(value: Any, like: Array, xp: ModuleType) -> Array:
     without having met a weight (which would have given it the weight's dtype).
     """
     if isinstance(value, (int, float)):
-        return xp.astype(xp.full((), value, dtype=xp.float32, device=_device_of(like)), like.dtype)
+        return xp.astype(xp.full((), value, dtype=xp.float32, device=array_device(like)), like.dtype)
     return xp.astype(value, like.dtype)
 
 
