@@ -13,8 +13,10 @@ program), then ``compare_case`` checks the result against the golden record.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
+import logging
 import math
 import os
 import re
@@ -844,6 +846,17 @@ class Summary:
         return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def _logging_quiet():
+    """Drop log records up to WARNING while a case runs."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
 def run(backend=None, xp=None, device=None, impl=None, factory=None, exec_cmd=None, include=None, exclude=None,
         goldens=DEFAULT_GOLDENS, xfails=DEFAULT_XFAILS, report_dir=None, progress=True, exec_batch=400,
         stride=1):
@@ -898,7 +911,8 @@ def run(backend=None, xp=None, device=None, impl=None, factory=None, exec_cmd=No
             # TensorFlow warns in some cases (a mask on the fused path) and computes NaN
             # silently in others; a port doing the same must not fail because the caller
             # (pytest with filterwarnings=error, say) turns warnings into errors.
-            with warnings.catch_warnings():
+            # Log records too (TF logs that an adjustment cannot be serialized; so may a port).
+            with warnings.catch_warnings(), _logging_quiet():
                 warnings.simplefilter("ignore")
                 try:
                     res = drive_case(factory, be, chunk, case)
