@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from collections.abc import Callable, Sequence
@@ -212,7 +213,7 @@ class BatchNormalization:
         )
         pshape = param_shape(shape, axes, self.virtual_batch_size)
         param_dtype = dtype_from_name(xp, self._policy.param_dtype)
-        dtype_from_name(xp, self._policy.compute_dtype)
+        dtype_from_name(xp, self._policy.compute_dtype)  # raises now if xp lacks it (bfloat16 on NumPy)
         config = BNConfig(
             axis=tuple(axes),
             rank=rank,
@@ -277,7 +278,7 @@ class BatchNormalization:
         assert self._config is not None
         training = _training_value(training)
         _check_call_numbers(self.momentum, self.epsilon)
-        config = self._config
+        config = self._current_config(self._config)
         if config.fused and mask is not None:
             warnings.warn(
                 "Masking is not supported with `fused=True`. You should either turn off fusing "
@@ -314,6 +315,18 @@ class BatchNormalization:
 
     def compute_output_shape(self, input_shape: Sequence[Any]) -> tuple[Any, ...]:
         return tuple(input_shape)
+
+    def _current_config(self, config: BNConfig) -> BNConfig:
+        """The build-time config with the numbers TF reads on every call (set after build, say)."""
+        numbers = {
+            "momentum": self.momentum,
+            "epsilon": self.epsilon,
+            "fused_avg_updates": isinstance(self.momentum, (float, int)),
+        }
+        if self.renorm:
+            numbers.update(renorm_momentum=self.renorm_momentum, renorm_clipping=self.renorm_clipping)
+        current = dataclasses.replace(config, **numbers)
+        return config if current == config else current
 
     def forward(self, inputs: Array, training: Any = True, mask: Array | None = None) -> tuple[Array, Any]:
         """``(y, ctx)``: the same call as ``layer(inputs, training, mask)`` (same output, same

@@ -314,3 +314,16 @@ def test_apply_constraints(xp, asarray, device):  # type: ignore[no-untyped-def]
     layer.apply_constraints()
     np.testing.assert_allclose(_np(layer.gamma), [0.6, 0.8], rtol=1e-6)
     np.testing.assert_array_equal(_np(layer.beta), [0.0, 2.0])
+
+
+def test_momentum_and_epsilon_set_after_build_take_effect(xp, asarray):  # type: ignore[no-untyped-def]
+    """TF reads self.momentum and self.epsilon on every call."""
+    x = _data((6, 3), 12)
+    layer = arraybn.BatchNormalization(momentum=0.9)
+    layer(asarray(x, xp.float32), training=True)
+    before = _np(layer.moving_mean)
+    layer.momentum, layer.epsilon = 0.0, 0.5
+    y = layer(asarray(x, xp.float32), training=True)
+    np.testing.assert_allclose(_np(layer.moving_mean), x.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_np(y), (x - x.mean(0)) / np.sqrt(x.var(0) + 0.5), rtol=2e-5, atol=2e-5)
+    assert not np.allclose(before, x.mean(0))
