@@ -41,6 +41,10 @@ from typing import Any
 
 import numpy as np
 
+from . import adjustments
+from .adjustments import ADJUSTMENTS
+from .generate import WEIGHT_GRIDS
+
 FORMAT_VERSION = 1
 GOLDEN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "goldens_grad")
 JSON_NAME = "gradients.json.gz"
@@ -52,28 +56,8 @@ ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 # --------------------------------------------------------------------------- #
 
 
-def batch_affine(shape: tuple[int, ...]) -> tuple[float, float]:
-    """``scale = 1 + 1 / shape[0]``, ``bias = 0.1 * len(shape)``."""
-    shape = tuple(int(s) for s in shape)
-    return 1.0 + 1.0 / shape[0], 0.1 * len(shape)
-
-
-def last_dim_affine(shape: tuple[int, ...]) -> tuple[float, float]:
-    """``scale = 0.5 + 0.25 * len(shape)``, ``bias = -0.05 * shape[-1]``."""
-    shape = tuple(int(s) for s in shape)
-    return 0.5 + 0.25 * len(shape), -0.05 * shape[-1]
-
-
-ADJUSTMENTS = {"batch_affine": batch_affine, "last_dim_affine": last_dim_affine}
-
-
-def _tf_adjustment(name: str) -> Any:
-    fn = ADJUSTMENTS[name]
-
-    def adjust(shape_tensor: Any) -> tuple[float, float]:
-        return fn(tuple(int(v) for v in shape_tensor.numpy()))
-
-    return adjust
+# The named adjustments are the main suite's (conformance/adjustments.py).
+_tf_adjustment = adjustments.tf_impl
 
 
 # --------------------------------------------------------------------------- #
@@ -222,15 +206,7 @@ def _definition_hash(cs: list[dict[str, Any]]) -> str:
 # Data (pure NumPy, seeded per case; values exact in float16)
 # --------------------------------------------------------------------------- #
 
-WEIGHT_GRIDS = {  # name: (low, high, denominator, exclude |k| below)
-    "gamma": (-96, 96, 64, 16),
-    "beta": (-64, 64, 32, 0),
-    "moving_mean": (-64, 64, 32, 0),
-    "moving_variance": (16, 256, 64, 0),
-    "moving_stddev": (32, 128, 64, 0),
-    "renorm_mean": (-32, 32, 32, 0),
-    "renorm_stddev": (32, 128, 64, 0),
-}
+# WEIGHT_GRIDS (value grids exact in float16) are the main generator's.
 
 
 def make_input(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
