@@ -126,17 +126,22 @@ class NpzWriter:
         return key
 
     def write(self, path):
-        tmp = path + ".part"
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
-            for key in sorted(self.arrays):
-                buf = io.BytesIO()
-                np.lib.format.write_array(buf, self.arrays[key], version=(1, 0), allow_pickle=False)
-                info = zipfile.ZipInfo(key + ".npy", date_time=ZIP_DATE)
-                info.compress_type = zipfile.ZIP_DEFLATED
-                info.external_attr = 0o644 << 16
-                info.create_system = 3
-                zf.writestr(info, buf.getvalue(), compress_type=zipfile.ZIP_DEFLATED, compresslevel=9)
-        os.replace(tmp, path)
+        write_npz(path, self.arrays)
+
+
+def write_npz(path, arrays):
+    """A byte-reproducible ``.npz``: sorted keys, fixed timestamps and attributes, no pickle."""
+    tmp = path + ".part"
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
+        for key in sorted(arrays):
+            buf = io.BytesIO()
+            np.lib.format.write_array(buf, arrays[key], version=(1, 0), allow_pickle=False)
+            info = zipfile.ZipInfo(key + ".npy", date_time=ZIP_DATE)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            info.create_system = 3
+            zf.writestr(info, buf.getvalue(), compress_type=zipfile.ZIP_DEFLATED, compresslevel=9)
+    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- #

@@ -30,26 +30,23 @@ from __future__ import annotations
 import argparse
 import gzip
 import hashlib
-import io
 import json
 import os
 import platform
 import sys
 import time
-import zipfile
 from typing import Any
 
 import numpy as np
 
 from . import adjustments
 from .adjustments import ADJUSTMENTS
-from .generate import WEIGHT_GRIDS
+from .generate import WEIGHT_GRIDS, write_npz
 
 FORMAT_VERSION = 1
 GOLDEN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "goldens_grad")
 JSON_NAME = "gradients.json.gz"
 NPZ_NAME = "gradients.npz"
-ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 
 # --------------------------------------------------------------------------- #
 # Adjustments (shape-only, Python-float constants)
@@ -249,17 +246,7 @@ def make_weight(rng: np.random.Generator, name: str, shape: tuple[int, ...], dty
 
 
 def _write_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
-    tmp = path + ".part"
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
-        for key in sorted(arrays):
-            buf = io.BytesIO()
-            np.lib.format.write_array(buf, np.ascontiguousarray(arrays[key]), version=(1, 0), allow_pickle=False)
-            info = zipfile.ZipInfo(key + ".npy", date_time=ZIP_DATE)
-            info.compress_type = zipfile.ZIP_DEFLATED
-            info.external_attr = 0o644 << 16
-            info.create_system = 3
-            zf.writestr(info, buf.getvalue(), compress_type=zipfile.ZIP_DEFLATED, compresslevel=9)
-    os.replace(tmp, path)
+    write_npz(path, {k: np.ascontiguousarray(v) for k, v in arrays.items()})
 
 
 def _write_json_gz(path: str, obj: Any) -> None:
