@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, NamedTuple
 
+from . import _streaming
 from ._namespace import (
     array_device,
     array_namespace,
@@ -141,6 +142,13 @@ def moments(x: Array, axes: Sequence[int], *, xp: ModuleType) -> tuple[Array, Ar
     axes = tuple(axes)
     if not axes:
         return x, xp.zeros_like(x)
+    if len(axes) == x.ndim - 1:
+        (channel,) = set(range(x.ndim)) - {a % x.ndim for a in axes}
+        lay = _streaming.layout(x, channel, xp)
+        if lay is not None:
+            kept = tuple(x.shape[i] if i == channel else 1 for i in range(x.ndim))
+            mean, variance = _streaming.channel_moments(x, lay, xp)
+            return xp.reshape(mean, kept), xp.reshape(variance, kept)
     spans = _stat_spans(x, axes, xp)
     if len(spans) <= 1:
         mean = xp.mean(x, axis=axes, keepdims=True)
@@ -234,9 +242,41 @@ def normalize(
     if scale is not None:
         inv = inv * scale
     shift = -mean * inv if offset is None else offset - mean * inv
-    y = x * xp.astype(inv, x.dtype)
-    y += xp.astype(shift, x.dtype)  # in place on our own temporary: no second input-sized array
+    return scale_shift(x, xp.astype(inv, x.dtype), xp.astype(shift, x.dtype), xp=xp)
+
+
+def scale_shift(x: Array, scale: Array, shift: Array, *, xp: ModuleType) -> Array:
+    """``y = x * scale`` then ``y += shift``: TF's two roundings, one output array, no other input-sized one.
+
+    ``scale`` and ``shift`` broadcast against ``x``; when both vary along one
+    channel axis only, eager CPU arrays take the cache-blocked schedule of
+    :mod:`arraybn._streaming` (same operations, same roundings).
+    """
+    channel = _channel_axis_of(x.shape, scale.shape, shift.shape)
+    lay = None if channel is None else _streaming.layout(x, channel, xp)
+    if lay is not None:
+        kept = tuple(x.shape[i] if i == channel else 1 for i in range(x.ndim))
+        flat = [xp.reshape(xp.broadcast_to(v, kept), (-1,)) for v in (scale, shift)]
+        y = _streaming.scale_shift(x, flat[0], flat[1], lay, xp)
+        if y is not None:
+            return y
+    y = x * scale
+    y += shift  # in place on our own temporary: no second input-sized array
     return y
+
+
+def _channel_axis_of(shape: tuple[int, ...], *param_shapes: tuple[int, ...]) -> int | None:
+    """The one axis along which keepdims-shaped parameters vary, or None."""
+    varying = set()
+    for p in param_shapes:
+        if len(p) != len(shape):
+            return None
+        for i, (n, m) in enumerate(zip(shape, p)):
+            if m != 1:
+                if m != n:
+                    return None
+                varying.add(i)
+    return varying.pop() if len(varying) == 1 else None
 
 
 def compose_transforms(
@@ -436,8 +476,8 @@ def _fused(
     if training:
         mean, variance = moments(xf, axes, xp=xp)
         scaling = gamma / xp.sqrt(variance + eps)
-        y = xf * scaling  # (x - mean) * scaling + beta folded into one multiply-add per element
-        y += beta - mean * scaling
+        # (x - mean) * scaling + beta folded into one multiply-add per element
+        y = scale_shift(xf, scaling, beta - mean * scaling, xp=xp)
         new_state = state
         if trainable:
             n = math.prod([x.shape[i] for i in axes])
@@ -458,8 +498,7 @@ def _fused(
         mean = xp.reshape(xp.astype(state.moving_mean, xp.float32), bshape)
         variance = xp.reshape(xp.astype(state.moving_variance, xp.float32), bshape)
         scaling = gamma / xp.sqrt(variance + eps)
-        y = xf * scaling
-        y += beta - mean * scaling
+        y = scale_shift(xf, scaling, beta - mean * scaling, xp=xp)
         new_state = state
     if y.dtype != out_dtype:
         y = xp.astype(y, out_dtype)

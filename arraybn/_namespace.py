@@ -20,10 +20,12 @@ __all__ = [
     "dtype_name",
     "float_errors_ignored",
     "is_array",
+    "multiply_into",
     "prefers_blocked_reductions",
     "numpy_namespace",
     "optional_dtype",
     "stop_gradient",
+    "streams_through_cache",
     "to_numpy",
 ]
 
@@ -94,6 +96,27 @@ def prefers_blocked_reductions(x: Any) -> bool:
         torch = sys.modules["torch"]
         return x.device.type == "cpu" and not torch.compiler.is_compiling()
     return False
+
+
+def streams_through_cache(x: Any) -> bool:
+    """True where arraybn's cache-blocked CPU schedule (``arraybn._streaming``) pays off.
+
+    Eager, C-contiguous NumPy arrays: there a reshape is a view, a slice of
+    the result can be written in place, ``matmul`` runs in BLAS, and NumPy's
+    own broadcasts over leading axes are slower than memory. Decided from the
+    type and the strides only: no array value is read.
+    """
+    return bool(array_api_compat.is_numpy_array(x) and x.flags.c_contiguous)
+
+
+def multiply_into(x: Any, factor: Any, out: Any) -> None:
+    """``out[...] = x * factor``, without a temporary where the library has ``out=`` (NumPy)."""
+    if array_api_compat.is_numpy_array(out):
+        import numpy as np
+
+        np.multiply(x, factor, out=out)
+    else:
+        out[...] = x * factor
 
 
 def is_array(x: Any) -> bool:

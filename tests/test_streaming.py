@@ -1,0 +1,167 @@
+"""The cache-blocked CPU schedule (``arraybn._streaming``): same results as the plain expressions.
+
+The conformance cases are small (a few KiB), below the size where arraybn
+switches to the blocked schedule, so these tests hold the blocked code to the
+same arithmetic on inputs large enough to take it: statistics against a
+float64 two-pass reference, the scale-and-shift bit for bit against
+``x * a`` then ``+= b``, whole layers against the plain schedule, and the
+memory promise (no input-sized temporary).
+"""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import array_api_compat.numpy as xp
+import numpy as np
+import pytest
+
+import arraybn
+from arraybn import _streaming
+from arraybn._functional import moments, scale_shift
+
+# (shape, channel axis): channels last with tiled rows, channels last where the
+# row count is prime (no tiling), channels in the middle, a 6-D input.
+SHAPES = [
+    ((16, 28, 28, 32), 3),
+    ((8191, 61), 1),
+    ((8, 32, 40, 40), 1),
+    ((3, 5, 4, 9, 16, 64), 2),
+]
+
+
+def _reference(x: np.ndarray, channel: int) -> tuple[np.ndarray, np.ndarray]:
+    axes = tuple(i for i in range(x.ndim) if i != channel)
+    xd = x.astype(np.float64)
+    mean = xd.mean(axis=axes, keepdims=True)
+    return mean, ((xd - mean) ** 2).mean(axis=axes, keepdims=True)
+
+
+def _plain(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_streaming, "layout", lambda *a, **k: None)
+
+
+@pytest.mark.parametrize(("shape", "channel"), SHAPES)
+def test_large_inputs_take_the_blocked_schedule(shape, channel) -> None:  # type: ignore[no-untyped-def]
+    x = np.zeros(shape, np.float32)
+    lay = _streaming.layout(x, channel, xp)
+    assert lay is not None
+    assert lay.a * lay.c * lay.b == x.size and lay.c == shape[channel]
+    assert lay.a % lay.k == 0
+
+
+def test_small_half_strided_or_foreign_inputs_keep_the_plain_expressions() -> None:
+    big = np.zeros((64, 64, 64, 4), np.float32)
+    assert _streaming.layout(big, 3, xp) is not None
+    assert _streaming.layout(big[:2], 3, xp) is None  # under 1 MiB
+    assert _streaming.layout(big.astype(np.float16), 3, xp) is None  # no BLAS for float16
+    assert _streaming.layout(np.swapaxes(big, 0, 1), 3, xp) is None  # not C-contiguous
+    assert _streaming.layout(np.zeros((64, 64, 8, 8), np.float32), 1, xp) is None  # 64 per channel row: too few
+    assert _streaming.layout(np.zeros((1024, 1024), np.float32), 1, xp) is None  # long channel vectors
+    strict = pytest.importorskip("array_api_strict")
+    assert _streaming.layout(strict.zeros((64, 64, 64, 4)), 3, strict) is None
+
+
+@pytest.mark.parametrize(("shape", "channel"), SHAPES)
+@pytest.mark.parametrize("offset", [0.0, 1e3])
+def test_blocked_moments_match_a_float64_two_pass(shape, channel, offset) -> None:  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(len(shape) + channel)
+    x = (rng.standard_normal(shape) * 0.5 + offset).astype(np.float32)
+    assert _streaming.layout(x, channel, xp) is not None
+    axes = [i for i in range(x.ndim) if i != channel]
+    mean, variance = moments(x, axes, xp=xp)
+    ref_mean, ref_var = _reference(x, channel)
+    assert mean.shape == ref_mean.shape and mean.dtype == np.float32
+    # float32 rounding of the inputs' sum (mean) and of the centred squares (variance)
+    np.testing.assert_allclose(mean, ref_mean, rtol=2e-6, atol=1e-6)
+    np.testing.assert_allclose(variance, ref_var, rtol=2e-5 if offset else 5e-6)
+
+
+@pytest.mark.parametrize(("shape", "channel"), SHAPES[:3])
+def test_blocked_moments_in_float64_are_exact_to_rounding(shape, channel) -> None:  # type: ignore[no-untyped-def]
+    x = np.random.default_rng(3).standard_normal(shape) + 7.0
+    mean, variance = moments(x, [i for i in range(x.ndim) if i != channel], xp=xp)
+    ref_mean, ref_var = _reference(x, channel)
+    np.testing.assert_allclose(mean, ref_mean, rtol=1e-13)
+    np.testing.assert_allclose(variance, ref_var, rtol=1e-11)
+
+
+def test_blocked_moments_propagate_nan_and_inf_per_channel() -> None:
+    x = np.random.default_rng(4).standard_normal((8, 16, 48, 48)).astype(np.float32)
+    x[3, 2, 5, 7] = np.nan
+    x[1, 9, 0, 0] = np.inf
+    with np.errstate(invalid="ignore"):  # inf - inf, as in TF (which computes NaN silently)
+        mean, variance = moments(x, [0, 2, 3], xp=xp)
+    mean, variance = mean.ravel(), variance.ravel()
+    assert np.isnan(mean[2]) and np.isnan(variance[2])
+    assert mean[9] == np.inf and np.isnan(variance[9])
+    finite = np.ones(16, bool)
+    finite[[2, 9]] = False
+    assert np.isfinite(mean[finite]).all() and np.isfinite(variance[finite]).all()
+
+
+@pytest.mark.parametrize(("shape", "channel"), SHAPES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_scale_shift_is_bitwise_x_times_a_then_plus_b(shape, channel, dtype) -> None:  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal(shape).astype(dtype)
+    kept = tuple(n if i == channel else 1 for i, n in enumerate(shape))
+    a = rng.standard_normal(kept).astype(dtype)
+    b = rng.standard_normal(kept).astype(dtype)
+    y = scale_shift(x, a, b, xp=xp)
+    expected = x * a
+    expected += b
+    assert y.dtype == x.dtype and y.shape == x.shape
+    np.testing.assert_array_equal(y, expected)
+
+
+@pytest.mark.parametrize(("shape", "axis"), [((16, 32, 40, 40), 1), ((16, 24, 24, 32), -1), ((8192, 60), -1)])
+@pytest.mark.parametrize("training", [True, False])
+def test_layers_agree_with_the_plain_schedule(monkeypatch, shape, axis, training) -> None:  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(6)
+    x = (rng.standard_normal(shape) * 2 + 3).astype(np.float32)
+    c = shape[axis]
+    weights = [
+        rng.uniform(0.5, 2, c).astype(np.float32),
+        rng.standard_normal(c).astype(np.float32),
+        rng.standard_normal(c).astype(np.float32),
+        rng.uniform(0.5, 2, c).astype(np.float32),
+    ]
+
+    def run() -> tuple[np.ndarray, list[np.ndarray]]:
+        layer = arraybn.BatchNormalization(axis=axis)
+        layer.build(shape)
+        layer.set_weights(weights)
+        y = layer(x, training=training)
+        return np.asarray(y), [np.asarray(w) for w in layer.get_weights()]
+
+    y, state = run()
+    with monkeypatch.context() as m:
+        _plain(m)
+        y_plain, state_plain = run()
+    # both schedules round the statistics in float32, in different orders
+    np.testing.assert_allclose(y, y_plain, rtol=1e-5, atol=1e-5)
+    for got, want in zip(state, state_plain):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(("shape", "channel"), [((64, 28, 28, 32), 3), ((32749, 61), 1), ((16, 32, 64, 64), 1)])
+def test_no_input_sized_temporary(shape, channel) -> None:  # type: ignore[no-untyped-def]
+    x = np.random.default_rng(7).standard_normal(shape).astype(np.float32)
+    kept = tuple(n if i == channel else 1 for i, n in enumerate(shape))
+    a = np.full(kept, 1.5, np.float32)
+    axes = [i for i in range(x.ndim) if i != channel]
+    moments(x, axes, xp=xp)  # warm caches of the allocator and of NumPy
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        moments(x, axes, xp=xp)
+        _, stats_peak = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        y = scale_shift(x, a, a, xp=xp)
+        _, affine_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # a block (512 KiB) and its temporary at most, beside the output
+    assert stats_peak < x.nbytes // 4
+    assert affine_peak < y.nbytes + x.nbytes // 4
