@@ -142,8 +142,9 @@ def moments(x: Array, axes: Sequence[int], *, xp: ModuleType) -> tuple[Array, Ar
     axes = tuple(axes)
     if not axes:
         return x, xp.zeros_like(x)
-    if len(axes) == x.ndim - 1:
-        (channel,) = set(range(x.ndim)) - {a % x.ndim for a in axes}
+    kept_axes = set(range(x.ndim)) - {a % x.ndim for a in axes}
+    if len(kept_axes) == 1:
+        (channel,) = kept_axes
         lay = _streaming.layout(x, channel, xp)
         if lay is not None:
             kept = tuple(x.shape[i] if i == channel else 1 for i in range(x.ndim))
@@ -253,13 +254,11 @@ def scale_shift(x: Array, scale: Array, shift: Array, *, xp: ModuleType) -> Arra
     :mod:`arraybn._streaming` (same operations, same roundings).
     """
     channel = _channel_axis_of(x.shape, scale.shape, shift.shape)
-    lay = None if channel is None else _streaming.layout(x, channel, xp)
+    lay = None if channel is None else _streaming.scale_shift_layout(x, channel, xp)
     if lay is not None:
         kept = tuple(x.shape[i] if i == channel else 1 for i in range(x.ndim))
         flat = [xp.reshape(xp.broadcast_to(v, kept), (-1,)) for v in (scale, shift)]
-        y = _streaming.scale_shift(x, flat[0], flat[1], lay, xp)
-        if y is not None:
-            return y
+        return _streaming.scale_shift(x, flat[0], flat[1], lay, xp)
     y = x * scale
     y += shift  # in place on our own temporary: no second input-sized array
     return y

@@ -57,9 +57,7 @@ def layout(x: Array, channel_axis: int, xp: ModuleType) -> Layout | None:
     if not streams_through_cache(x) or x.dtype not in (xp.float32, xp.float64):
         return None
     shape = tuple(x.shape)
-    size = math.prod(shape)
-    itemsize = xp.finfo(x.dtype).bits // 8
-    if size * itemsize < _MIN_BYTES:
+    if math.prod(shape) * _itemsize(x, xp) < _MIN_BYTES:
         return None
     a = math.prod(shape[:channel_axis])
     c = shape[channel_axis]
@@ -136,17 +134,23 @@ def channel_moments(x: Array, lay: Layout, xp: ModuleType) -> tuple[Array, Array
     return mean, variance
 
 
-def scale_shift(x: Array, scale: Array, shift: Array, lay: Layout, xp: ModuleType) -> Array | None:
-    """``y = x * scale`` then ``y += shift`` per channel (``scale``, ``shift``: shape ``(C,)``, x's dtype).
+def scale_shift_layout(x: Array, channel_axis: int, xp: ModuleType) -> Layout | None:
+    """The layout for :func:`scale_shift`, or None for the plain ``x * scale + shift``.
 
-    Only channels in the middle (``B > 1``) are streamed: each channel's rows
-    are scaled by a scalar into the output and shifted while still in cache.
-    Channels-last data returns None (the caller's plain ``x * scale + shift``):
-    there NumPy's own broadcast of the channel vector, over the whole array,
+    Only channels in the middle (``B > 1``) are streamed. For channels-last
+    data NumPy's own broadcast of the channel vector over the whole array
     measured as fast as any blocked schedule and steadier from run to run.
     """
-    if lay.b == 1:
-        return None
+    lay = layout(x, channel_axis, xp)
+    return lay if lay is not None and lay.b > 1 else None
+
+
+def scale_shift(x: Array, scale: Array, shift: Array, lay: Layout, xp: ModuleType) -> Array:
+    """``y = x * scale`` then ``y += shift`` per channel (``scale``, ``shift``: shape ``(C,)``, x's dtype).
+
+    For a layout from :func:`scale_shift_layout`: each channel's rows are
+    scaled by a scalar into the output and shifted while still in cache.
+    """
     y = xp.empty_like(x)
     shape = (lay.a, lay.c, lay.b)
     cube, out = xp.reshape(x, shape), xp.reshape(y, shape)
