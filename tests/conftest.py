@@ -12,6 +12,7 @@ import importlib
 import os
 from enum import Enum
 
+import numpy as np
 import pytest
 
 
@@ -29,6 +30,24 @@ class Backend(Enum):
 # installed; running every generic test on it too is opt-in, because tracing each small
 # case costs minutes: ARRAYBN_TEST_BACKENDS=numpy,jax (or any list naming jax).
 _OPT_IN = {"jax"}
+
+
+EPS32 = float(np.finfo(np.float32).eps)
+
+
+def assert_close(actual, expected: np.ndarray, exact: bool, what: str) -> None:  # type: ignore[no-untyped-def]
+    """Same dtype and, unless ``exact``, within a few float32 ulps of the values' scale.
+
+    The tolerance for comparing one backend with another: their reductions may
+    run in another order.
+    """
+    actual = np.asarray(actual)
+    assert actual.dtype == expected.dtype, what
+    if exact:
+        np.testing.assert_array_equal(actual, expected, err_msg=what)
+    else:
+        scale = max(1.0, float(np.max(np.abs(expected))))
+        np.testing.assert_allclose(actual, expected, rtol=8 * EPS32, atol=8 * EPS32 * scale, err_msg=what)
 
 
 def _selected() -> set[str] | None:

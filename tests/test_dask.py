@@ -20,14 +20,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import Backend, _namespace
+from conftest import Backend, _namespace, assert_close
 
 import arraybn
 
 da = pytest.importorskip("dask.array")
 dask = pytest.importorskip("dask")
-
-EPS32 = float(np.finfo(np.float32).eps)
 
 # (id, input shape, chunks along the batch, layer kwargs, with a mask)
 CASES = [
@@ -93,15 +91,6 @@ def _steps(layer: arraybn.BatchNormalization, case: tuple, exact: bool, convert:
     return outs
 
 
-def _compare(actual: np.ndarray, expected: np.ndarray, exact: bool, what: str) -> None:
-    assert actual.dtype == expected.dtype, what
-    if exact:
-        np.testing.assert_array_equal(actual, expected, err_msg=what)
-    else:
-        scale = max(1.0, float(np.max(np.abs(expected))))
-        np.testing.assert_allclose(actual, expected, rtol=8 * EPS32, atol=8 * EPS32 * scale, err_msg=what)
-
-
 # ---------------------------------------------------------------------------
 # Laziness
 # ---------------------------------------------------------------------------
@@ -118,7 +107,7 @@ def test_forward_builds_a_graph_without_computing(case) -> None:  # type: ignore
     reference = arraybn.BatchNormalization(**case[2])
     ref_outs = _steps(reference, case, False, np.asarray)
     for y, y_ref in zip(dask.compute(*outs), ref_outs, strict=True):
-        _compare(y, y_ref, False, "output")
+        assert_close(y, y_ref, False, "output")
 
 
 def test_the_no_compute_trap_is_real() -> None:
@@ -212,9 +201,9 @@ def test_synchronized_statistics_on_a_local_cluster(case, exact, client) -> None
     ref_outs = _steps(reference, case, exact, np.asarray)
     n = len(outs)
     for i, (y, y_ref) in enumerate(zip(results[:n], ref_outs, strict=True)):
-        _compare(np.asarray(y), y_ref, exact, f"output of step {i}")
+        assert_close(np.asarray(y), y_ref, exact, f"output of step {i}")
     for name, w, w_ref in zip(layer.weight_names, results[n:], reference.get_weights(), strict=True):
-        _compare(np.asarray(w), w_ref, exact, name)
+        assert_close(np.asarray(w), w_ref, exact, name)
 
 
 @_with_distributed_warnings_tolerated

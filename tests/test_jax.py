@@ -15,15 +15,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import Backend, _namespace
+from conftest import Backend, _namespace, assert_close
 
 import arraybn
 from arraybn import BNConfig, BNParams, BNState, batch_norm
 
 jax = pytest.importorskip("jax")
 jnp = pytest.importorskip("jax.numpy")
-
-EPS32 = float(np.finfo(np.float32).eps)
 
 CONFIGS = [
     ("2d-axis-1", (16, 3), BNConfig(axis=(1,), rank=2, param_shape=(3,)), False),
@@ -78,13 +76,6 @@ def _weights(config: BNConfig, convert: Any) -> tuple[BNParams, BNState]:
     return params, state
 
 
-def _close(actual: Any, expected: np.ndarray, what: str) -> None:
-    actual = np.asarray(actual)
-    assert actual.dtype == expected.dtype, what
-    scale = max(1.0, float(np.max(np.abs(expected))))
-    np.testing.assert_allclose(actual, expected, rtol=8 * EPS32, atol=8 * EPS32 * scale, err_msg=what)
-
-
 def _numpy_steps(config: BNConfig, masked: bool, shape: tuple[int, ...]) -> list[tuple[Any, BNState]]:
     params, state = _weights(config, np.asarray)
     out = []
@@ -98,11 +89,11 @@ def _numpy_steps(config: BNConfig, masked: bool, shape: tuple[int, ...]) -> list
 def _check(results: list[tuple[Any, BNState]], expected: list[tuple[Any, BNState]]) -> None:
     for i, ((y, state), (y_ref, state_ref)) in enumerate(zip(results, expected, strict=True)):
         assert isinstance(y, jax.Array)
-        _close(y, y_ref, f"output of step {i}")
+        assert_close(y, y_ref, False, f"output of step {i}")
         for name, a, b in zip(BNState._fields, state, state_ref, strict=True):
             assert (a is None) == (b is None), name
             if a is not None:
-                _close(a, b, f"{name} after step {i}")
+                assert_close(a, b, False, f"{name} after step {i}")
 
 
 @pytest.mark.parametrize("case", CONFIGS, ids=IDS)
@@ -170,9 +161,9 @@ def test_whole_layer_forward_traces_under_jit() -> None:
     y, weights = jax.jit(step)(jnp.asarray(x))
     reference = arraybn.BatchNormalization(fused=False, renorm=True)
     y_ref = reference(x, training=True)
-    _close(y, y_ref, "output")
+    assert_close(y, y_ref, False, "output")
     for w, w_ref in zip(weights, reference.get_weights(), strict=True):
-        _close(w, w_ref, "weight")
+        assert_close(w, w_ref, False, "weight")
 
 
 @pytest.mark.parametrize(
@@ -195,11 +186,11 @@ def test_layer_runs_eagerly_on_jax_arrays(shape, kwargs, masked) -> None:  # typ
         y = layer(jnp.asarray(x), training=training, mask=None if mask is None else jnp.asarray(mask))
         y_ref = reference(x, training=training, mask=mask)
         assert isinstance(y, jax.Array)
-        _close(y, y_ref, f"output of step {step}")
+        assert_close(y, y_ref, False, f"output of step {step}")
     assert all(isinstance(w, jax.Array) for w in layer.weights)
     for w, w_ref in zip(layer.get_weights(), reference.get_weights(), strict=True):
         assert isinstance(w, np.ndarray)
-        _close(w, w_ref, "weight")
+        assert_close(w, w_ref, False, "weight")
 
 
 def test_jax_layer_rejects_numpy_input() -> None:

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import Backend, _namespace
+from conftest import Backend, _namespace, assert_close
 
 import arraybn
 from arraybn import BNConfig, BNParams, BNState, batch_norm
@@ -41,8 +41,6 @@ from arraybn._namespace import array_device
 # Dynamo warns once per lru_cache-wrapped helper of array-api-compat it traces
 # through (``is_numpy_array`` & co.); harmless, and not arraybn's.
 DYNAMO_LRU_WARNING = "ignore:Dynamo detected a call to a `functools.lru_cache`-wrapped function:UserWarning"
-
-EPS32 = float(np.finfo(np.float32).eps)
 
 # (id, input shape, layer kwargs, with a mask)
 CASES = [
@@ -78,17 +76,6 @@ def _run_steps(layer: arraybn.BatchNormalization, to_backend: Any, case: tuple) 
     return outs
 
 
-def _assert_close(actual: Any, expected: np.ndarray, exact: bool, what: str) -> None:
-    actual = np.asarray(actual)
-    assert actual.dtype == expected.dtype, what
-    if exact:
-        np.testing.assert_array_equal(actual, expected, err_msg=what)
-    else:
-        # a few float32 ulps of the values' scale: reductions may run in another order
-        scale = max(1.0, float(np.max(np.abs(expected))))
-        np.testing.assert_allclose(actual, expected, rtol=8 * EPS32, atol=8 * EPS32 * scale, err_msg=what)
-
-
 def _same_device(a: Any, b: Any) -> bool:
     return bool(array_device(a) == array_device(b))
 
@@ -111,11 +98,11 @@ def test_layer_matches_numpy_on_every_backend(case, xp, device, asarray, backend
 
     exact = backend is Backend.NUMPY
     for i, (y, y_ref) in enumerate(zip(outs, ref_outs, strict=True)):
-        _assert_close(arraybn._namespace.to_numpy(y), y_ref, exact, f"output of step {i}")
+        assert_close(arraybn._namespace.to_numpy(y), y_ref, exact, f"output of step {i}")
     host = layer.get_weights()
     for name, w, w_ref in zip(layer.weight_names, host, reference.get_weights(), strict=True):
         assert isinstance(w, np.ndarray), f"get_weights()[{name}] is a NumPy host copy"
-        _assert_close(w, w_ref, exact, name)
+        assert_close(w, w_ref, exact, name)
 
 
 def test_get_weights_are_host_copies(xp, asarray) -> None:  # type: ignore[no-untyped-def]
@@ -188,9 +175,9 @@ def test_strict_second_device_forward_stays_on_device(case, strict_xp, monkeypat
     ref_outs = _run_steps(reference, np.asarray, case)
     # array-api-strict computes with NumPy underneath, in the same order: identical
     for y, y_ref in zip(outs, ref_outs, strict=True):
-        _assert_close(arraybn._namespace.to_numpy(y), y_ref, True, "output")
+        assert_close(arraybn._namespace.to_numpy(y), y_ref, True, "output")
     for w, w_ref in zip(layer.get_weights(), reference.get_weights(), strict=True):
-        _assert_close(w, w_ref, True, "weight")
+        assert_close(w, w_ref, True, "weight")
 
 
 def test_strict_trap_catches_host_reads(strict_xp, monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -225,9 +212,9 @@ def test_strict_api_versions(case, api_version, strict_xp) -> None:  # type: ign
     reference = arraybn.BatchNormalization(**kwargs)
     ref_outs = _run_steps(reference, np.asarray, case)
     for y, y_ref in zip(host_outs, ref_outs, strict=True):
-        _assert_close(y, y_ref, True, "output")
+        assert_close(y, y_ref, True, "output")
     for w, w_ref in zip(weights, reference.get_weights(), strict=True):
-        _assert_close(w, w_ref, True, "weight")
+        assert_close(w, w_ref, True, "weight")
 
 
 # ---------------------------------------------------------------------------
@@ -328,10 +315,10 @@ def test_torch_compile_functional_fullgraph(fused, xp, device, asarray) -> None:
         x = _data(shape, i)
         y, state = compiled(asarray(x), params, state, training)
         y_ref, np_state = batch_norm(x, np_params, np_state, training=training, config=config)
-        _assert_close(y.cpu().numpy(), y_ref, False, f"step {i}")
+        assert_close(y.cpu().numpy(), y_ref, False, f"step {i}")
     for a, b in zip(state, np_state, strict=True):
         if a is not None:
-            _assert_close(a.cpu().numpy(), b, False, "state")
+            assert_close(a.cpu().numpy(), b, False, "state")
     assert len(graphs) == 2, "one graph for training, one for inference; no recompilation as the state changes"
 
 
@@ -351,9 +338,9 @@ def test_torch_compile_layer_fullgraph(xp, device, asarray) -> None:  # type: ig
     for i, training in enumerate((True, True, True, False, False)):
         x = _data((16, 3), i)
         y = compiled(asarray(x), training)
-        _assert_close(y.cpu().numpy(), reference(x, training=training), False, f"step {i}")
+        assert_close(y.cpu().numpy(), reference(x, training=training), False, f"step {i}")
     for w, w_ref in zip(layer.get_weights(), reference.get_weights(), strict=True):
-        _assert_close(w, w_ref, False, "weight")
+        assert_close(w, w_ref, False, "weight")
     assert len(graphs) == 2, f"expected one graph per training value, got {len(graphs)}"
 
 
@@ -384,8 +371,8 @@ def test_torch_compile_inductor(xp, device, asarray) -> None:  # type: ignore[no
         training=True,
         config=config,
     )
-    _assert_close(y.cpu().numpy(), y_ref, False, "output")
-    _assert_close(state.moving_variance.cpu().numpy(), s_ref.moving_variance, False, "moving_variance")
+    assert_close(y.cpu().numpy(), y_ref, False, "output")
+    assert_close(state.moving_variance.cpu().numpy(), s_ref.moving_variance, False, "moving_variance")
 
 
 # ---------------------------------------------------------------------------
