@@ -9,3 +9,15 @@ See ``docs/conformance.md`` for the file format and the comparison rules.
 """
 
 FORMAT_VERSION = 1
+
+
+def read_json(path):
+    """A golden JSON document, gzip-compressed (``.json.gz``) or not: the one reader of the format."""
+    import gzip
+    import json
+
+    if path.endswith(".gz"):
+        with gzip.open(path, "rt") as f:
+            return json.load(f)
+    with open(path) as f:
+        return json.load(f)

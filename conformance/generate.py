@@ -31,7 +31,7 @@ import zipfile
 
 import numpy as np
 
-from . import FORMAT_VERSION
+from . import FORMAT_VERSION, read_json
 from . import adjustments
 from .cases import group_hash, groups
 
@@ -481,14 +481,6 @@ def _write_json(path, obj):
         with open(tmp, "w") as f:
             f.write(text)
     os.replace(tmp, path)
-
-
-def read_json(path):
-    if path.endswith(".gz"):
-        with gzip.open(path, "rt") as f:
-            return json.load(f)
-    with open(path) as f:
-        return json.load(f)
 
 
 def _worker(args):

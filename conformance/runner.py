@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import FORMAT_VERSION, adjustments
+from . import FORMAT_VERSION, adjustments, read_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_GOLDENS = os.path.join(HERE, "goldens")
@@ -78,19 +78,9 @@ ERROR_MAP = {"InvalidArgumentError": "ValueError"}
 # Goldens
 # --------------------------------------------------------------------------- #
 
-def _read_json(path):
-    import gzip
-
-    if path.endswith(".gz"):
-        with gzip.open(path, "rt") as f:
-            return json.load(f)
-    with open(path) as f:
-        return json.load(f)
-
-
 class Chunk:
     def __init__(self, goldens, entry):
-        self.doc = _read_json(os.path.join(goldens, entry["json"]))
+        self.doc = read_json(os.path.join(goldens, entry["json"]))
         if self.doc["format_version"] != FORMAT_VERSION:
             raise ValueError(f"unsupported format_version {self.doc['format_version']}")
         self.npz = np.load(os.path.join(goldens, entry["npz"]), allow_pickle=False)
@@ -111,7 +101,7 @@ class Chunk:
 
 
 def load_manifest(goldens=DEFAULT_GOLDENS):
-    return _read_json(os.path.join(goldens, "manifest.json"))
+    return read_json(os.path.join(goldens, "manifest.json"))
 
 
 def iter_cases(goldens=DEFAULT_GOLDENS, include=None, exclude=None, stride=1):
