@@ -91,6 +91,11 @@ if [ "$DO_INSTALL" -eq 1 ]; then
             }
         fi
         PY="$GPU_VENV/bin/python"
+        # --system-site-packages sees the base interpreter's packages only; where PYTHON is itself a
+        # virtual environment (the usual way CUDA stacks are installed), its packages are added
+        # through a .pth file so that CuPy, torch and JAX stay visible.
+        "$PYTHON" -c 'import site; print("\n".join(site.getsitepackages()))' \
+            > "$("$PY" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/_gpu_check_base.pth"
     else
         PY="$PYTHON"
     fi
