@@ -235,7 +235,9 @@ class BatchNormalization:
         if self._initial_weights is not None:
             new_vars = self._converted_weights(self._initial_weights, new_vars, xp, param_dtype, device)
 
-        # Everything succeeded: commit (TF mutates axis/fused in build the same way).
+        # Everything succeeded: commit (TF mutates axis/fused in build the same way). The device
+        # is the one the weights landed on: a requested torch.device("cuda") is "cuda:0" there.
+        device = array_device(new_vars["moving_mean"])
         self._xp, self._device, self._config = xp, device, config
         self._vars = new_vars
         self.fused = fused

@@ -280,6 +280,24 @@ def test_torch_trap_catches_host_reads() -> None:
     assert len(seen) == 4
 
 
+@pytest.mark.parametrize("backend", TORCH_BACKENDS, ids=TORCH_IDS)
+def test_torch_build_on_a_device_named_without_its_index(xp, device, asarray) -> None:  # type: ignore[no-untyped-def]
+    """``build(device=torch.device("cuda"))`` puts the weights on ``cuda:0``; inputs there are accepted."""
+    import torch
+
+    named = torch.device("cpu", 0) if device.type == "cpu" else torch.device("cuda")
+    assert named != asarray(np.zeros(1)).device  # the spelling differs from the tensors' device
+    x = _data((8, 3), 0)
+    layer = arraybn.BatchNormalization()
+    layer.build(x.shape, xp=xp, device=named)
+    y = layer(asarray(x), training=True)
+    assert all(w.device == y.device for w in layer.weights)
+    reference = arraybn.BatchNormalization()
+    assert_close(y.cpu().numpy(), reference(x, training=True), False, "output")
+    for w, w_ref in zip(layer.get_weights(), reference.get_weights(), strict=True):
+        assert_close(w, w_ref, False, "weight")
+
+
 def _counting_backend() -> tuple[Any, list[int]]:
     """A torch.compile backend that runs the captured graph as is and counts captures."""
     graphs: list[int] = []
