@@ -84,7 +84,8 @@ def _namespace(backend: Backend, *, dedicated: bool = False):  # type: ignore[no
         if backend is Backend.TORCH_CUDA:
             if not torch.cuda.is_available():
                 pytest.skip("torch CUDA: no GPU on this machine")
-            return array_api_compat.array_namespace(torch.empty(0)), torch.device("cuda")
+            # the index spelled out: tensors report cuda:0, and torch.device("cuda") != cuda:0
+            return array_api_compat.array_namespace(torch.empty(0)), torch.device("cuda", torch.cuda.current_device())
         return array_api_compat.array_namespace(torch.empty(0)), torch.device("cpu")
     if backend is Backend.CUPY:
         try:
