@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, NamedTuple
 
+from . import _accelerator
 from ._functional import BNConfig, BNParams, BNState, batch_norm, moments, renorm_correction, weighted_moments
 from ._namespace import array_device, array_namespace, dtype_from_name
 
@@ -197,7 +198,13 @@ def batch_norm_vjp(
 def _sum(a: Array, axes: Sequence[int], xp: ModuleType) -> Array:
     """Keepdims sum; over no axis, the array itself."""
     axes = tuple(axes)
-    return xp.sum(a, axis=axes, keepdims=True) if axes else a
+    if not axes:
+        return a
+    kept = [i for i in range(a.ndim) if i not in {j % a.ndim for j in axes}]
+    if len(kept) == 1 and _accelerator.uses_matmul_sums(a, kept[0], xp):  # GPUs: sums at memory speed
+        keepdims = tuple(a.shape[i] if i in kept else 1 for i in range(a.ndim))
+        return xp.reshape(_accelerator.channel_sums(a, kept[0], xp), keepdims)
+    return xp.sum(a, axis=axes, keepdims=True)
 
 
 def _div_no_nan(a: Array, b: Array, xp: ModuleType) -> Array:

@@ -15,12 +15,14 @@ TensorFlow to a few units in the last place.
 from __future__ import annotations
 
 import math
+import numbers
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, NamedTuple
 
-from . import _streaming
+from . import _accelerator, _streaming
 from ._namespace import (
     array_device,
     array_namespace,
@@ -105,14 +107,49 @@ def _f32_round(value: float, xp: ModuleType, device: Any) -> Array:
     return xp.full((), value, dtype=xp.float32, device=device)
 
 
-def _decay(momentum: float, dtype: Any, xp: ModuleType, device: Any) -> Array:
+def _host_f32(value: Any) -> float | None:
+    """``value`` rounded to float32 (``tf.convert_to_tensor``), as a Python float; None for arrays.
+
+    Exact: a float32 value is a float64 value, and a sum, difference or product
+    of two float32 values computed in float64 and rounded once to float32 is the
+    float32 operation's result, so small constants can be formed on the host.
+    """
+    if not isinstance(value, numbers.Real):
+        return None
+    try:
+        return float(struct.unpack("f", struct.pack("f", float(value)))[0])
+    except OverflowError:  # beyond float32's range: convert_to_tensor gives an infinity
+        return math.copysign(math.inf, float(value))
+
+
+def _f32_const(value: Any, dtype: Any, xp: ModuleType, device: Any) -> Any:
+    """``tf.cast(tf.convert_to_tensor(value), dtype)`` as an operand for arrays of ``dtype``.
+
+    A Python float for float32 and float64 arrays: the Array API converts it to
+    the array's dtype (exactly, as it holds a float32 value), so the result is
+    the 0-d array's, without creating one (a kernel launch on a GPU). A 0-d
+    array otherwise (16-bit dtypes, where some libraries would compute with the
+    unrounded scalar; array-valued ``value``).
+    """
+    host = _host_f32(value)
+    if host is not None and (dtype == xp.float32 or dtype == xp.float64):
+        return host
+    return _cast(_f32_round(value, xp, device), dtype, xp)
+
+
+def _decay(momentum: float, dtype: Any, xp: ModuleType, device: Any) -> Any:
     """TF's ``decay = cast(convert_to_tensor(1.0 - momentum), variable.dtype)``.
 
     The subtraction happens in Python (float64), the result is rounded to
     float32 by ``convert_to_tensor`` and only then cast to the variable's
     dtype, so a float64 variable sees ``float64(float32(1 - momentum))``.
     """
-    return xp.astype(_f32_round(1.0 - momentum, xp, device), dtype)
+    return _f32_const(1.0 - momentum, dtype, xp, device)
+
+
+def _cast(a: Array, dtype: Any, xp: ModuleType) -> Array:
+    """``a`` in ``dtype``: ``a`` itself when it already is (``xp.astype`` would copy it, a kernel launch on a GPU)."""
+    return a if a.dtype == dtype else xp.astype(a, dtype)
 
 
 def _div_no_nan(a: Array, b: Array, xp: ModuleType) -> Array:
@@ -145,6 +182,10 @@ def moments(x: Array, axes: Sequence[int], *, xp: ModuleType) -> tuple[Array, Ar
     kept_axes = set(range(x.ndim)) - {a % x.ndim for a in axes}
     if len(kept_axes) == 1:
         (channel,) = kept_axes
+        if _accelerator.uses_matmul_sums(x, channel, xp):
+            kept = tuple(x.shape[i] if i == channel else 1 for i in range(x.ndim))
+            mean, variance = _accelerator.channel_moments(x, channel, xp)
+            return xp.reshape(mean, kept), xp.reshape(variance, kept)
         lay = _streaming.layout(x, channel, xp)
         if lay is not None:
             kept = tuple(x.shape[i] if i == channel else 1 for i in range(x.ndim))
@@ -153,8 +194,7 @@ def moments(x: Array, axes: Sequence[int], *, xp: ModuleType) -> tuple[Array, Ar
     spans = _stat_spans(x, axes, xp)
     if len(spans) <= 1:
         mean = xp.mean(x, axis=axes, keepdims=True)
-        centered = x - mean
-        variance = xp.mean(centered * centered, axis=axes, keepdims=True)
+        variance = xp.mean(_accelerator.squared_difference(x, mean, xp), axis=axes, keepdims=True)
         return mean, variance
     # Large eager inputs: the same two passes, slice by slice along the first
     # reduced axis so that the second pass reads the slice from cache, and the
@@ -208,7 +248,7 @@ def weighted_moments(
     NaN).
     """
     axes = tuple(axes)
-    w = xp.astype(frequency_weights, x.dtype)
+    w = _cast(frequency_weights, x.dtype, xp)
     weighted_sum = xp.sum(w * x, axis=axes, keepdims=True)
     broadcast_w = w + xp.zeros_like(x)
     sum_of_weights = xp.sum(broadcast_w, axis=axes, keepdims=True)
@@ -243,16 +283,20 @@ def normalize(
     if scale is not None:
         inv = inv * scale
     shift = -mean * inv if offset is None else offset - mean * inv
-    return scale_shift(x, xp.astype(inv, x.dtype), xp.astype(shift, x.dtype), xp=xp)
+    return scale_shift(x, _cast(inv, x.dtype, xp), _cast(shift, x.dtype, xp), xp=xp)
 
 
 def scale_shift(x: Array, scale: Array, shift: Array, *, xp: ModuleType) -> Array:
     """``y = x * scale`` then ``y += shift``: TF's two roundings, one output array, no other input-sized one.
 
-    ``scale`` and ``shift`` broadcast against ``x``; when both vary along one
-    channel axis only, eager CPU arrays take the cache-blocked schedule of
-    :mod:`arraybn._streaming` (same operations, same roundings).
+    ``scale`` and ``shift`` broadcast against ``x``; large CuPy arrays take one
+    elementwise kernel (:mod:`arraybn._accelerator`) and, when both vary along one
+    channel axis only, eager CPU arrays the cache-blocked schedule of
+    :mod:`arraybn._streaming` (same operations, same roundings, either way).
     """
+    fused = _accelerator.multiply_add(x, scale, shift, xp)
+    if fused is not None:
+        return fused
     channel = _channel_axis_of(x.shape, scale.shape, shift.shape)
     lay = None if channel is None else _streaming.scale_shift_layout(x, channel, xp)
     if lay is not None:
@@ -306,7 +350,7 @@ def assign_moving_average(variable: Array, value: Array, momentum: float, *, xp:
     """
     dev = array_device(variable)
     decay = _decay(momentum, variable.dtype, xp, dev)
-    return variable - (variable - xp.astype(value, variable.dtype)) * decay
+    return variable - (variable - _cast(value, variable.dtype, xp)) * decay
 
 
 def fused_moving_update(
@@ -319,14 +363,18 @@ def fused_moving_update(
     ``n / max(n - 1, 1)`` for the variance and 1 for the mean.
     """
     dev = array_device(variable)
+    value = _cast(batch_value, xp.float32, xp)
+    dt = variable.dtype
+    f_host = _host_f32(1.0 - momentum)
+    if f_host is not None and (dt == xp.float32 or dt == xp.float64):
+        # the same float32 constants, formed on the host (see _host_f32)
+        one_minus_f_host = _host_f32(1.0 - f_host)
+        factor_host = _host_f32(f_host * _host_f32(bessel)) if bessel != 1.0 else f_host
+        return one_minus_f_host * variable + factor_host * _cast(value, dt, xp)
     f = _f32_round(1.0 - momentum, xp, dev)
     one_minus_f = 1.0 - f
     factor = f * xp.full((), bessel, dtype=xp.float32, device=dev) if bessel != 1.0 else f
-    value = xp.astype(batch_value, xp.float32)
-    new = xp.astype(one_minus_f, variable.dtype) * variable + xp.astype(factor, variable.dtype) * xp.astype(
-        value, variable.dtype
-    )
-    return new
+    return _cast(one_minus_f, dt, xp) * variable + _cast(factor, dt, xp) * _cast(value, dt, xp)
 
 
 def renorm_correction(
@@ -432,7 +480,7 @@ def batch_norm(
         arrays (the inputs are never mutated).
     """
     if xp is None:
-        xp = array_namespace(x, *(p for p in params if p is not None), *(s for s in state if s is not None))
+        xp = array_namespace(x, *[a for a in (*params, *state) if a is not None])
     compute_dtype = dtype_from_name(xp, config.compute_dtype)
     param_dtype = dtype_from_name(xp, config.param_dtype)
     if x.dtype != compute_dtype:
@@ -468,9 +516,9 @@ def _fused(
         gamma = xp.ones(config.param_shape, dtype=xp.float32, device=dev)
     if beta is None:
         beta = xp.zeros(config.param_shape, dtype=xp.float32, device=dev)
-    gamma = xp.reshape(xp.astype(gamma, xp.float32), bshape)
-    beta = xp.reshape(xp.astype(beta, xp.float32), bshape)
-    eps = _f32_round(config.epsilon, xp, dev)
+    gamma = xp.reshape(_cast(gamma, xp.float32, xp), bshape)
+    beta = xp.reshape(_cast(beta, xp.float32, xp), bshape)
+    eps = _f32_const(config.epsilon, xp.float32, xp, dev)
     axes = tuple(i for i in range(ndim) if i != ch)
     if training:
         mean, variance = moments(xf, axes, xp=xp)
@@ -494,8 +542,8 @@ def _fused(
                 new_var = assign_moving_average(state.moving_variance, bvar, config.momentum, xp=xp)
             new_state = state._replace(moving_mean=new_mean, moving_variance=new_var)
     else:
-        mean = xp.reshape(xp.astype(state.moving_mean, xp.float32), bshape)
-        variance = xp.reshape(xp.astype(state.moving_variance, xp.float32), bshape)
+        mean = xp.reshape(_cast(state.moving_mean, xp.float32, xp), bshape)
+        variance = xp.reshape(_cast(state.moving_variance, xp.float32, xp), bshape)
         scaling = gamma / xp.sqrt(variance + eps)
         y = scale_shift(xf, scaling, beta - mean * scaling, xp=xp)
         new_state = state
@@ -601,8 +649,8 @@ def _non_fused(
                 moving_variance = assign_moving_average(state.moving_variance, new_variance, config.momentum, xp=xp)
             new_state = new_state._replace(moving_mean=moving_mean, moving_variance=moving_variance)
 
-    mean = xp.astype(mean, x.dtype)
-    variance = xp.astype(variance, x.dtype)
+    mean = _cast(mean, x.dtype, xp)
+    variance = _cast(variance, x.dtype, xp)
     if offset is not None:
         offset = _cast_like_tf(offset, x, xp)
     if scale is not None:
@@ -620,16 +668,18 @@ def _is_half(dtype: Any, xp: ModuleType) -> bool:
 
     Compared one by one: ``numpy.dtype(...) == None`` is True for float64.
     """
-    return any(
-        (half := optional_dtype(xp, name)) is not None and dtype == half for name in ("float16", "bfloat16")
-    )
+    for name in ("float16", "bfloat16"):  # a plain loop: torch.compile (2.11) cannot trace a walrus in a genexpr
+        half = optional_dtype(xp, name)
+        if half is not None and dtype == half:
+            return True
+    return False
 
 
 def _as_array(value: Any, like: Array, xp: ModuleType) -> Any:
     """An adjustment result: Python numbers stay numbers (see `_cast_like_tf`), arrays take ``like``'s dtype."""
     if isinstance(value, (int, float)):
         return value
-    return xp.astype(value, like.dtype)
+    return _cast(value, like.dtype, xp)
 
 
 def _cast_like_tf(value: Any, like: Array, xp: ModuleType) -> Array:
@@ -639,8 +689,8 @@ def _cast_like_tf(value: Any, like: Array, xp: ModuleType) -> Array:
     without having met a weight (which would have given it the weight's dtype).
     """
     if isinstance(value, (int, float)):
-        return xp.astype(xp.full((), value, dtype=xp.float32, device=array_device(like)), like.dtype)
-    return xp.astype(value, like.dtype)
+        return _cast(xp.full((), value, dtype=xp.float32, device=array_device(like)), like.dtype, xp)
+    return _cast(value, like.dtype, xp)
 
 
 def _mask_weights(mask: Array, x: Array, config: BNConfig, xp: ModuleType) -> Array:
@@ -659,7 +709,7 @@ def _mask_weights(mask: Array, x: Array, config: BNConfig, xp: ModuleType) -> Ar
             "expand_dims(mask, -1)). Pass a mask of the input's shape without its last axis."
         )
         raise ValueError(msg) from err
-    return xp.astype(w, x.dtype)
+    return _cast(w, x.dtype, xp)
 
 
 def _broadcast_shapes(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
