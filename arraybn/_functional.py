@@ -147,6 +147,18 @@ def _decay(momentum: float, dtype: Any, xp: ModuleType, device: Any) -> Any:
     return _f32_const(1.0 - momentum, dtype, xp, device)
 
 
+def _updated(state: BNState, **changes: Array) -> BNState:
+    """``state._replace(**changes)`` spelled out field by field: torch.compile (2.11) rebuilds
+    ``_replace``'s result with fields missing."""
+    return BNState(
+        changes.get("moving_mean", state.moving_mean),
+        changes.get("moving_variance", state.moving_variance),
+        changes.get("moving_stddev", state.moving_stddev),
+        changes.get("renorm_mean", state.renorm_mean),
+        changes.get("renorm_stddev", state.renorm_stddev),
+    )
+
+
 def _cast(a: Array, dtype: Any, xp: ModuleType) -> Array:
     """``a`` in ``dtype``: ``a`` itself when it already is (``xp.astype`` would copy it, a kernel launch on a GPU)."""
     return a if a.dtype == dtype else xp.astype(a, dtype)
@@ -540,7 +552,7 @@ def _fused(
                 bvar = bvar * xp.full((), bessel, dtype=bvar.dtype, device=dev)
                 new_mean = assign_moving_average(state.moving_mean, bmean, config.momentum, xp=xp)
                 new_var = assign_moving_average(state.moving_variance, bvar, config.momentum, xp=xp)
-            new_state = state._replace(moving_mean=new_mean, moving_variance=new_var)
+            new_state = _updated(state, moving_mean=new_mean, moving_variance=new_var)
     else:
         mean = xp.reshape(_cast(state.moving_mean, xp.float32, xp), bshape)
         variance = xp.reshape(_cast(state.moving_variance, xp.float32, xp), bshape)
@@ -628,7 +640,8 @@ def _non_fused(
                 xp=xp,
             )
             r, d = stop_gradient(r), stop_gradient(d)  # constants for gradients, as in TF
-            new_state = new_state._replace(
+            new_state = _updated(
+                new_state,
                 renorm_mean=assign_moving_average(state.renorm_mean, new_mean, config.renorm_momentum, xp=xp),
                 renorm_stddev=assign_moving_average(state.renorm_stddev, stddev, config.renorm_momentum, xp=xp),
             )
@@ -644,10 +657,10 @@ def _non_fused(
                 )
                 sq = moving_stddev * moving_stddev - config.epsilon
                 moving_variance = xp.maximum(sq, xp.zeros_like(sq))  # relu; NaN stays NaN as in TF
-                new_state = new_state._replace(moving_stddev=moving_stddev)
+                new_state = _updated(new_state, moving_stddev=moving_stddev)
             else:
                 moving_variance = assign_moving_average(state.moving_variance, new_variance, config.momentum, xp=xp)
-            new_state = new_state._replace(moving_mean=moving_mean, moving_variance=moving_variance)
+            new_state = _updated(new_state, moving_mean=moving_mean, moving_variance=moving_variance)
 
     mean = _cast(mean, x.dtype, xp)
     variance = _cast(variance, x.dtype, xp)
