@@ -125,7 +125,10 @@ def _kernel(name: str) -> Any:
             )
         else:
             kernel = cupy.ElementwiseKernel(
-                "T x, T m", "T y", "T d = sub_rn(x, m); y = mul_rn(d, d)", "arraybn_squared_difference",
+                "T x, T m",
+                "T y",
+                "T d = sub_rn(x, m); y = mul_rn(d, d)",
+                "arraybn_squared_difference",
                 preamble=_ROUNDED,
             )
         _KERNELS[name] = kernel
