@@ -41,9 +41,7 @@ import os
 from types import ModuleType
 from typing import Any
 
-import array_api_compat
-
-from ._namespace import array_device
+from ._namespace import array_device, is_cupy_array
 
 Array = Any
 
@@ -61,7 +59,7 @@ def _float_itemsize(x: Array, xp: ModuleType) -> int | None:
 
 def takes_kernels(x: Array, xp: ModuleType) -> bool:
     """True for eager CuPy float32/float64 arrays of at least ``_MIN_BYTES`` (from types and shapes only)."""
-    if not array_api_compat.is_cupy_array(x):
+    if not is_cupy_array(x):
         return False
     size = _float_itemsize(x, xp)
     return size is not None and math.prod(x.shape) * size >= _MIN_BYTES

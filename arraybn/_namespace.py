@@ -20,6 +20,7 @@ __all__ = [
     "dtype_name",
     "float_errors_ignored",
     "is_array",
+    "is_cupy_array",
     "multiply_into",
     "prefers_blocked_reductions",
     "numpy_namespace",
@@ -96,6 +97,11 @@ def prefers_blocked_reductions(x: Any) -> bool:
         torch = sys.modules["torch"]
         return x.device.type == "cpu" and not torch.compiler.is_compiling()
     return False
+
+
+def is_cupy_array(x: Any) -> bool:
+    """True for a CuPy array (from its type: CuPy is not imported for the check)."""
+    return bool(array_api_compat.is_cupy_array(x))
 
 
 def streams_through_cache(x: Any) -> bool:
