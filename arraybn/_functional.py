@@ -107,6 +107,17 @@ def _f32_round(value: float, xp: ModuleType, device: Any) -> Array:
     return xp.full((), value, dtype=xp.float32, device=device)
 
 
+def float32_value(value: float) -> float:
+    """A Python number rounded to float32 and back (``convert_to_tensor``, ``cast_to_floatx``).
+
+    Beyond float32's range the result is an infinity, as NumPy's and TF's casts give.
+    """
+    try:
+        return float(struct.unpack("f", struct.pack("f", float(value)))[0])
+    except OverflowError:
+        return math.copysign(math.inf, float(value))
+
+
 def _host_f32(value: Any) -> float | None:
     """``value`` rounded to float32 (``tf.convert_to_tensor``), as a Python float; None for arrays.
 
@@ -114,12 +125,7 @@ def _host_f32(value: Any) -> float | None:
     of two float32 values computed in float64 and rounded once to float32 is the
     float32 operation's result, so small constants can be formed on the host.
     """
-    if not isinstance(value, numbers.Real):
-        return None
-    try:
-        return float(struct.unpack("f", struct.pack("f", float(value)))[0])
-    except OverflowError:  # beyond float32's range: convert_to_tensor gives an infinity
-        return math.copysign(math.inf, float(value))
+    return float32_value(value) if isinstance(value, numbers.Real) else None
 
 
 def _f32_const(value: Any, dtype: Any, xp: ModuleType, device: Any) -> Any:

@@ -9,18 +9,13 @@ also what ``get_config`` reports.
 from __future__ import annotations
 
 import math
-import struct
 from typing import Any
 
+from ._functional import float32_value
 from ._namespace import array_device, array_namespace
 from ._serialization import Registry
 
 __all__ = ["L1", "L1L2", "L2", "Regularizer", "deserialize", "get", "serialize"]
-
-
-def _floatx(value: float) -> float:
-    """Round a Python number to float32 and back (``backend.cast_to_floatx``)."""
-    return struct.unpack("f", struct.pack("f", float(value)))[0]
 
 
 def _check_penalty_number(x: Any) -> None:
@@ -65,7 +60,7 @@ class L1L2(Regularizer):
         l2 = 0.0 if l2 is None else l2
         _check_penalty_number(l1)
         _check_penalty_number(l2)
-        self.l1, self.l2 = _floatx(l1), _floatx(l2)
+        self.l1, self.l2 = float32_value(l1), float32_value(l2)
 
     def __call__(self, w: Any) -> Any:
         xp = _xp(w)
@@ -92,7 +87,7 @@ class L1(Regularizer):
             raise TypeError(msg)
         l1 = 0.01 if l1 is None else l1
         _check_penalty_number(l1)
-        self.l1 = _floatx(l1)
+        self.l1 = float32_value(l1)
 
     def __call__(self, w: Any) -> Any:
         xp = _xp(w)
@@ -113,7 +108,7 @@ class L2(Regularizer):
             raise TypeError(msg)
         l2 = 0.01 if l2 is None else l2
         _check_penalty_number(l2)
-        self.l2 = _floatx(l2)
+        self.l2 = float32_value(l2)
 
     def __call__(self, w: Any) -> Any:
         xp = _xp(w)

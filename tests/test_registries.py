@@ -65,6 +65,15 @@ def test_regularizers():  # type: ignore[no-untyped-def]
     assert regularizers.deserialize(cfg).get_config() == r.get_config()
 
 
+def test_regularizer_factors_beyond_float32_become_infinite():  # type: ignore[no-untyped-def]
+    """Keras's cast_to_floatx is np.asarray(x, float32): 1e39 overflows to inf (no error)."""
+    with np.errstate(over="ignore"):
+        expected = float(np.float32(1e39))
+    assert expected == float("inf")
+    assert regularizers.L1(1e39).get_config() == {"l1": expected}
+    assert regularizers.L1L2(l1=0.0, l2=-1e40).get_config() == {"l1": 0.0, "l2": -expected}
+
+
 def test_constraints():  # type: ignore[no-untyped-def]
     w = NP.asarray(np.array([3.0, -4.0]))
     np.testing.assert_array_equal(to_numpy(constraints.get("non_neg")(w)), [3.0, 0.0])
