@@ -33,7 +33,17 @@ from types import ModuleType
 from typing import Any, NamedTuple
 
 from . import _accelerator
-from ._functional import BNConfig, BNParams, BNState, batch_norm, moments, renorm_correction, weighted_moments
+from ._functional import (
+    BNConfig,
+    BNParams,
+    BNState,
+    _div_no_nan,
+    _is_half,
+    batch_norm,
+    moments,
+    renorm_correction,
+    weighted_moments,
+)
 from ._namespace import array_device, array_namespace, dtype_from_name
 
 Array = Any
@@ -207,24 +217,10 @@ def _sum(a: Array, axes: Sequence[int], xp: ModuleType) -> Array:
     return xp.sum(a, axis=axes, keepdims=True)
 
 
-def _div_no_nan(a: Array, b: Array, xp: ModuleType) -> Array:
-    zero = b == 0
-    return xp.where(zero, xp.zeros_like(a), a / xp.where(zero, xp.ones_like(b), b))
-
-
 def _const(value: Any, dtype: Any, xp: ModuleType, device: Any) -> Array:
     if isinstance(value, (int, float)):
         return xp.full((), float(value), dtype=dtype, device=device)
     return xp.astype(value, dtype)
-
-
-def _is_half(dtype: Any, xp: ModuleType) -> bool:
-    """float16 or bfloat16, where ``xp`` has them (the standard has neither)."""
-    for name in ("float16", "bfloat16"):
-        half = getattr(xp, name, None)
-        if half is not None and dtype == half:
-            return True
-    return False
 
 
 def _reshape(v: Array, shape: tuple[int, ...], xp: ModuleType) -> Array:

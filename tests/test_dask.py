@@ -123,6 +123,22 @@ def test_get_weights_computes_and_returns_numpy() -> None:
     assert all(isinstance(w, np.ndarray) for w in layer.get_weights())
 
 
+def test_float16_backward_computes_in_float32_as_on_numpy() -> None:
+    """16-bit inputs: forward and backward both work in float32 (dask's namespace lists no float16)."""
+    x = (_data((16, 3), 3, False) * 3.0 + 1.0).astype(np.float16)
+    dy = _data((16, 3), 4, False).astype(np.float16)
+    results = []
+    for convert in (np.asarray, _chunked):
+        layer = arraybn.BatchNormalization(dtype="float16", fused=False)
+        _, ctx = layer.forward(convert(x), training=True)
+        dx, grads = layer.backward(ctx, convert(dy))
+        results.append((np.asarray(dx), [np.asarray(g) for g in grads.values()]))
+    (dx, grads), (dx_ref, grads_ref) = results[1], results[0]
+    assert_close(dx, dx_ref, True, "dx")  # computed in float16 it was a float16 ulp off
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        assert_close(g, g_ref, False, "weight gradient")  # float32 sums, chunk by chunk
+
+
 def test_numpy_input_for_a_dask_layer_raises_type_error() -> None:
     layer = arraybn.BatchNormalization()
     layer(_chunked(_data((32, 3), 0, False)), training=True)
