@@ -327,6 +327,8 @@ class BatchNormalization:
         }
         if self.renorm:
             numbers.update(renorm_momentum=self.renorm_momentum, renorm_clipping=self.renorm_clipping)
+        if all(getattr(config, k) is v for k, v in numbers.items()):
+            return config  # the usual call: nothing set since build (no dataclass to rebuild)
         current = dataclasses.replace(config, **numbers)
         return config if current == config else current
 
