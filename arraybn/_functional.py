@@ -200,15 +200,14 @@ def moments(x: Array, axes: Sequence[int], *, xp: ModuleType) -> tuple[Array, Ar
     kept_axes = set(range(x.ndim)) - {a % x.ndim for a in axes}
     if len(kept_axes) == 1:
         (channel,) = kept_axes
+        per_channel = None
         if _accelerator.uses_matmul_sums(x, channel, xp):
+            per_channel = _accelerator.channel_moments(x, channel, xp)
+        elif (lay := _streaming.layout(x, channel, xp)) is not None:
+            per_channel = _streaming.channel_moments(x, lay, xp)
+        if per_channel is not None:
             kept = tuple(x.shape[i] if i == channel else 1 for i in range(x.ndim))
-            mean, variance = _accelerator.channel_moments(x, channel, xp)
-            return xp.reshape(mean, kept), xp.reshape(variance, kept)
-        lay = _streaming.layout(x, channel, xp)
-        if lay is not None:
-            kept = tuple(x.shape[i] if i == channel else 1 for i in range(x.ndim))
-            mean, variance = _streaming.channel_moments(x, lay, xp)
-            return xp.reshape(mean, kept), xp.reshape(variance, kept)
+            return xp.reshape(per_channel[0], kept), xp.reshape(per_channel[1], kept)
     spans = _stat_spans(x, axes, xp)
     if len(spans) <= 1:
         mean = xp.mean(x, axis=axes, keepdims=True)
