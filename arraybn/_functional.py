@@ -380,18 +380,12 @@ def fused_moving_update(
     ``n / max(n - 1, 1)`` for the variance and 1 for the mean.
     """
     dev = array_device(variable)
-    value = _cast(batch_value, xp.float32, xp)
     dt = variable.dtype
-    f_host = _host_f32(1.0 - momentum)
-    if f_host is not None and (dt == xp.float32 or dt == xp.float64):
-        # the same float32 constants, formed on the host (see _host_f32)
-        one_minus_f_host = _host_f32(1.0 - f_host)
-        factor_host = _host_f32(f_host * _host_f32(bessel)) if bessel != 1.0 else f_host
-        return one_minus_f_host * variable + factor_host * _cast(value, dt, xp)
-    f = _f32_round(1.0 - momentum, xp, dev)
-    one_minus_f = 1.0 - f
-    factor = f * xp.full((), bessel, dtype=xp.float32, device=dev) if bessel != 1.0 else f
-    return _cast(one_minus_f, dt, xp) * variable + _cast(factor, dt, xp) * _cast(value, dt, xp)
+    # the kernel's float32 attribute f, then 1 - f and f * bessel rounded to float32 (on the host)
+    f = float32_value(1.0 - momentum)
+    one_minus_f = _f32_const(1.0 - f, dt, xp, dev)
+    factor = _f32_const(f * float32_value(bessel), dt, xp, dev)  # bessel = 1: f itself
+    return one_minus_f * variable + factor * _cast(_cast(batch_value, xp.float32, xp), dt, xp)
 
 
 def renorm_correction(
