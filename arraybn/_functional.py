@@ -315,7 +315,7 @@ def scale_shift(x: Array, scale: Array, shift: Array, *, xp: ModuleType) -> Arra
     if fused is not None:
         return fused
     channel = _channel_axis_of(x.shape, scale.shape, shift.shape)
-    lay = None if channel is None else _streaming.scale_shift_layout(x, channel, xp)
+    lay = None if channel is None else _streaming.layout(x, channel, xp)
     if lay is not None:
         kept = tuple(x.shape[i] if i == channel else 1 for i in range(x.ndim))
         flat = [xp.reshape(xp.broadcast_to(v, kept), (-1,)) for v in (scale, shift)]

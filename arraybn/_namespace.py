@@ -22,11 +22,12 @@ __all__ = [
     "is_array",
     "is_cupy_array",
     "multiply_into",
-    "prefers_blocked_reductions",
     "numpy_namespace",
     "optional_dtype",
+    "prefers_blocked_reductions",
     "stop_gradient",
     "streams_through_cache",
+    "subtract_into",
     "to_numpy",
 ]
 
@@ -123,6 +124,16 @@ def multiply_into(x: Any, factor: Any, out: Any) -> None:
         np.multiply(x, factor, out=out)
     else:
         out[...] = x * factor
+
+
+def subtract_into(x: Any, other: Any, out: Any) -> None:
+    """``out[...] = x - other``, without a temporary where the library has ``out=`` (NumPy)."""
+    if array_api_compat.is_numpy_array(out):
+        import numpy as np
+
+        np.subtract(x, other, out=out)
+    else:
+        out[...] = x - other
 
 
 def is_array(x: Any) -> bool:

@@ -21,10 +21,12 @@ from arraybn import _streaming
 from arraybn._functional import moments, scale_shift
 
 # (shape, channel axis): channels last with tiled rows, channels last where the
-# row count is prime (no tiling), channels in the middle, a 6-D input.
+# row count is prime (rows of 135 channel vectors and a tail of 91), long
+# channel vectors (rows of 9, a tail of 6), channels in the middle, a 6-D input.
 SHAPES = [
     ((16, 28, 28, 32), 3),
     ((8191, 61), 1),
+    ((1500, 1000), 1),
     ((8, 32, 40, 40), 1),
     ((3, 5, 4, 9, 16, 64), 2),
 ]
@@ -47,7 +49,13 @@ def test_large_inputs_take_the_blocked_schedule(shape, channel) -> None:  # type
     lay = _streaming.layout(x, channel, xp)
     assert lay is not None
     assert lay.a * lay.c * lay.b == x.size and lay.c == shape[channel]
-    assert lay.a % lay.k == 0
+    if lay.b == 1:  # rows of at least _ROW_ELEMENTS elements, whole channel vectors
+        assert lay.k * lay.c >= _streaming._ROW_ELEMENTS and (lay.k - 1) * lay.c < _streaming._ROW_ELEMENTS
+        rows, tail = _streaming._rows(x, lay, xp)
+        assert np.shares_memory(rows, x) and rows.shape == (lay.a // lay.k, lay.k * lay.c)
+        assert (tail is None) == (lay.a % lay.k == 0)
+        if tail is not None:
+            assert np.shares_memory(tail, x) and tail.shape == (lay.a % lay.k, lay.c)
 
 
 def test_small_half_strided_or_foreign_inputs_keep_the_plain_expressions() -> None:
@@ -57,7 +65,10 @@ def test_small_half_strided_or_foreign_inputs_keep_the_plain_expressions() -> No
     assert _streaming.layout(big.astype(np.float16), 3, xp) is None  # no BLAS for float16
     assert _streaming.layout(np.swapaxes(big, 0, 1), 3, xp) is None  # not C-contiguous
     assert _streaming.layout(np.zeros((64, 64, 8, 8), np.float32), 1, xp) is None  # 64 per channel row: too few
-    assert _streaming.layout(np.zeros((1024, 1024), np.float32), 1, xp) is None  # long channel vectors
+    # long channel vectors: rows of 8 of them
+    assert _streaming.layout(np.zeros((1024, 1024), np.float32), 1, xp) == (1024, 1024, 1, 8)
+    # more than 8192 channels: one per row
+    assert _streaming.layout(np.zeros((64, 10000), np.float32), 1, xp) == (64, 10000, 1, 1)
     strict = pytest.importorskip("array_api_strict")
     assert _streaming.layout(strict.zeros((64, 64, 64, 4)), 3, strict) is None
 
@@ -77,7 +88,7 @@ def test_blocked_moments_match_a_float64_two_pass(shape, channel, offset) -> Non
     np.testing.assert_allclose(variance, ref_var, rtol=2e-5 if offset else 5e-6)
 
 
-@pytest.mark.parametrize(("shape", "channel"), SHAPES[:3])
+@pytest.mark.parametrize(("shape", "channel"), SHAPES[:4])
 def test_blocked_moments_in_float64_are_exact_to_rounding(shape, channel) -> None:  # type: ignore[no-untyped-def]
     x = np.random.default_rng(3).standard_normal(shape) + 7.0
     mean, variance = moments(x, [i for i in range(x.ndim) if i != channel], xp=xp)
@@ -115,7 +126,9 @@ def test_scale_shift_is_bitwise_x_times_a_then_plus_b(shape, channel, dtype) -> 
     np.testing.assert_array_equal(y, expected)
 
 
-@pytest.mark.parametrize(("shape", "axis"), [((16, 32, 40, 40), 1), ((16, 24, 24, 32), -1), ((8192, 60), -1)])
+@pytest.mark.parametrize(
+    ("shape", "axis"), [((16, 32, 40, 40), 1), ((16, 24, 24, 32), -1), ((8192, 60), -1), ((2048, 1000), -1)]
+)
 @pytest.mark.parametrize("training", [True, False])
 def test_layers_agree_with_the_plain_schedule(monkeypatch, shape, axis, training) -> None:  # type: ignore[no-untyped-def]
     rng = np.random.default_rng(6)
@@ -145,7 +158,9 @@ def test_layers_agree_with_the_plain_schedule(monkeypatch, shape, axis, training
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize(("shape", "channel"), [((64, 28, 28, 32), 3), ((32749, 61), 1), ((16, 32, 64, 64), 1)])
+@pytest.mark.parametrize(
+    ("shape", "channel"), [((64, 28, 28, 32), 3), ((32749, 61), 1), ((4099, 1024), 1), ((16, 32, 64, 64), 1)]
+)
 def test_no_input_sized_temporary(shape, channel) -> None:  # type: ignore[no-untyped-def]
     x = np.random.default_rng(7).standard_normal(shape).astype(np.float32)
     kept = tuple(n if i == channel else 1 for i, n in enumerate(shape))
