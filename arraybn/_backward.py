@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, NamedTuple
 
-from . import _accelerator
+from . import _accelerator, _streaming
 from ._functional import (
     BNConfig,
     BNParams,
@@ -254,7 +254,9 @@ def batch_norm_backward(ctx: BNContext, dy: Array) -> BNGrads:
     included (``x - mean``, one product, the result), plus a float32 copy of
     ``x`` and of ``dy`` when they are 16-bit (or when ``dy``'s dtype differs
     from the compute dtype) and the final cast of ``dx`` to a 16-bit dtype.
-    Reshapes for virtual batches are views where the namespace allows.
+    Reshapes for virtual batches are views where the namespace allows. Large
+    eager NumPy inputs with one channel axis and no mask or virtual batch make
+    no input-sized array besides ``dx`` (:mod:`arraybn._streaming`).
     """
     xp = ctx.xp
     config = ctx.config
@@ -356,7 +358,19 @@ def batch_norm_backward(ctx: BNContext, dy: Array) -> BNGrads:
         mean = xp.astype(mean, work)
         variance = xp.astype(variance, work)
 
-    xc = x - mean
+    # Large eager CPU arrays with one channel axis: the three sums and dx block
+    # by block (arraybn._streaming), with the same per-channel arithmetic.
+    lay = None
+    if w is None and len(axis) == 1 and stat_axes == param_axes and tuple(dy.shape) == tuple(x.shape):
+        lay = _streaming.layout(x, axis[0], xp)
+        if lay is not None and (dy.dtype != x.dtype or _streaming.layout(dy, axis[0], xp) is None):
+            lay = None
+    xc = sum_xc = sum_dy = sum_dy_xc = None
+    if lay is not None:
+        per_channel = _streaming.centred_sums(x, dy, xp.reshape(mean, (-1,)), lay, xp)
+        sum_xc, sum_dy, sum_dy_xc = (xp.reshape(v, bshape) for v in per_channel)
+    else:
+        xc = x - mean
     if training:
         # Corrected two-pass statistics: ``delta`` is the rounding error of the
         # mean (the mean of the centered values), removed from the centering
@@ -365,7 +379,7 @@ def batch_norm_backward(ctx: BNContext, dy: Array) -> BNGrads:
         n = math.prod([x.shape[i] for i in stat_axes])
         if w is None:
             count = None
-            delta = _sum(xc, stat_axes, xp) / n
+            delta = (_sum(xc, stat_axes, xp) if sum_xc is None else sum_xc) / n
         else:
             count = _sum(w + xp.zeros_like(x), stat_axes, xp)
             delta = _div_no_nan(_sum(w * xc, stat_axes, xp), count, xp)
@@ -379,8 +393,8 @@ def batch_norm_backward(ctx: BNContext, dy: Array) -> BNGrads:
         k = k * a_factor
 
     if training:
-        s1 = _sum(dy, stat_axes, xp)  # per statistic: sum(dy)
-        s2 = _sum(dy * xc, stat_axes, xp) - delta * s1  # per statistic: sum(dy * (x - mean))
+        s1 = _sum(dy, stat_axes, xp) if sum_dy is None else sum_dy  # per statistic: sum(dy)
+        s2 = (_sum(dy * xc, stat_axes, xp) if sum_dy_xc is None else sum_dy_xc) - delta * s1  # sum(dy * (x - mean))
         if count is None:
             c1 = s1 / n
             c2 = s2 / n
@@ -388,18 +402,23 @@ def batch_norm_backward(ctx: BNContext, dy: Array) -> BNGrads:
             c1 = _div_no_nan(s1, count, xp)
             c2 = _div_no_nan(s2, count, xp)
         p = -(k * inv * inv * c2)
-        t = xc * p
-        del xc
-        t = t + (-(k * c1) - delta * p)  # = p * (x - mean - delta) - k * c1
-        if w is not None:
-            t = w * t
-        dx = dy * k + t
-        del t
+        q = -(k * c1) - delta * p
+        if lay is not None:  # dy * k + ((x - mean) * p + q), block by block
+            flat = [xp.reshape(xp.broadcast_to(v, bshape), (-1,)) for v in (mean, k, p, q)]
+            dx = _streaming.centred_affine(x, dy, *flat, lay, xp)
+        else:
+            t = xc * p
+            del xc
+            t = t + q  # = p * (x - mean - delta) - k * c1
+            if w is not None:
+                t = w * t
+            dx = dy * k + t
+            del t
         # per statistic sum(dy * xhat) = inv * s2; A and B are per channel
         sum_dy_xhat = inv * s2
     else:
         s1 = None
-        sum_dy_xhat = inv * _sum(dy * xc, param_axes, xp)
+        sum_dy_xhat = inv * (_sum(dy * xc, param_axes, xp) if sum_dy_xc is None else sum_dy_xc)
         del xc
         dx = dy * k
 

@@ -153,15 +153,15 @@ def channel_moments(x: Array, lay: Layout, xp: ModuleType) -> tuple[Array, Array
     ones = xp.ones((lay.b,), dtype=x.dtype, device=array_device(x))
     mean = xp.sum(cube @ ones, axis=0) / n
     spans = _row_blocks(lay.a, lay.b * _itemsize(x, xp))
+    centred = xp.empty(((spans[0][1] - spans[0][0]) * lay.b,), dtype=x.dtype, device=array_device(x))
     squares = []
     for ch in range(lay.c):
         m = mean[ch]
         total = None
         for i, j in spans:
-            d = xp.reshape(cube[i:j, ch, :] - m, (-1,))
-            part = d @ d
-            del d
-            total = part if total is None else total + part
+            d = centred[: (j - i) * lay.b]  # one reused buffer, flat: the sum of squares is one BLAS dot
+            subtract_into(cube[i:j, ch, :], m, xp.reshape(d, (j - i, lay.b)))
+            total = _accumulate(total, d @ d)
         squares.append(total)
     variance = xp.stack(squares) / n
     return mean, variance
@@ -196,3 +196,109 @@ def scale_shift(x: Array, scale: Array, shift: Array, lay: Layout, xp: ModuleTyp
             multiply_into(cube[i:j, ch, :], s, block)
             block += t
     return y
+
+
+# ---------------------------------------------------------------------------
+# Backward: the sums and the elementwise gradient, block by block
+# ---------------------------------------------------------------------------
+
+
+def centred_sums(x: Array, dy: Array, mean: Array, lay: Layout, xp: ModuleType) -> tuple[Array, Array, Array]:
+    """Per channel ``sum(x - mean)``, ``sum(dy)`` and ``sum(dy * (x - mean))`` (each of shape ``(C,)``).
+
+    One read of ``x`` and of ``dy``: each block is centred into a reused buffer
+    and, while in cache, summed and multiplied by its ``dy`` block (BLAS
+    ``matmul`` with ones; for channels in the middle, ``vecdot`` along rows).
+    ``mean`` has shape ``(C,)``; ``dy`` has ``x``'s shape and layout.
+    """
+    dev = array_device(x)
+    if lay.b == 1:
+        (rows, tail), (grad_rows, grad_tail) = _rows(x, lay, xp), _rows(dy, lay, xp)
+        blocks = _row_blocks(rows.shape[0], rows.shape[1] * _itemsize(x, xp))
+        height = blocks[0][1] - blocks[0][0]
+        ones = xp.ones((height,), dtype=x.dtype, device=dev)
+        centred = xp.empty((height, rows.shape[1]), dtype=x.dtype, device=dev)
+        product = xp.empty((height, rows.shape[1]), dtype=x.dtype, device=dev)
+        row_mean = _tiled(mean, lay.k, xp)
+        sums: list[Array | None] = [None, None, None]
+        for i, j in blocks:
+            o, c, p = ones[: j - i], centred[: j - i], product[: j - i]
+            subtract_into(rows[i:j], row_mean, c)
+            multiply_into(grad_rows[i:j], c, p)
+            for s, block in enumerate((c, grad_rows[i:j], p)):
+                sums[s] = _accumulate(sums[s], o @ block)
+        folded = [_fold(s, lay.k, lay.c, xp) for s in sums]
+        if tail is not None:
+            c = tail - mean
+            for s, block in enumerate((c, grad_tail, grad_tail * c)):
+                folded[s] = folded[s] + xp.sum(block, axis=0)
+        return folded[0], folded[1], folded[2]
+    cube, grad = xp.reshape(x, (lay.a, lay.c, lay.b)), xp.reshape(dy, (lay.a, lay.c, lay.b))
+    spans = _row_blocks(lay.a, lay.b * _itemsize(x, xp))
+    height = spans[0][1] - spans[0][0]
+    ones = xp.ones((lay.b,), dtype=x.dtype, device=dev)
+    centred = xp.empty((height, lay.b), dtype=x.dtype, device=dev)
+    per_channel: list[list[Array]] = [[], [], []]
+    for ch in range(lay.c):
+        m = mean[ch]
+        totals: list[Array | None] = [None, None, None]
+        for i, j in spans:
+            c, g = centred[: j - i], grad[i:j, ch, :]
+            subtract_into(cube[i:j, ch, :], m, c)
+            # row sums and row dot products through BLAS, then their sum
+            for s, rows in enumerate((c @ ones, g @ ones, xp.vecdot(g, c))):
+                totals[s] = _accumulate(totals[s], xp.sum(rows))
+        for s in range(3):
+            per_channel[s].append(totals[s])
+    return xp.stack(per_channel[0]), xp.stack(per_channel[1]), xp.stack(per_channel[2])
+
+
+def centred_affine(
+    x: Array, dy: Array, mean: Array, k: Array, p: Array, q: Array, lay: Layout, xp: ModuleType
+) -> Array:
+    """``dy * k + ((x - mean) * p + q)`` with per-channel ``mean``, ``k``, ``p``, ``q`` (shape ``(C,)``).
+
+    The plain expression's operations and roundings, block by block: the
+    centred block is formed in a reused buffer, scaled and shifted in cache,
+    and added into the output block ``dy * k``. One read of ``x`` and ``dy``,
+    one write of the result.
+    """
+    out = xp.empty_like(x)
+    dev = array_device(x)
+    if lay.b == 1:
+        (rows, tail), (grad_rows, grad_tail), (out_rows, out_tail) = (
+            _rows(x, lay, xp),
+            _rows(dy, lay, xp),
+            _rows(out, lay, xp),
+        )
+        blocks = _row_blocks(rows.shape[0], rows.shape[1] * _itemsize(x, xp))
+        centred = xp.empty((blocks[0][1] - blocks[0][0], rows.shape[1]), dtype=x.dtype, device=dev)
+        tiled = [_tiled(v, lay.k, xp) for v in (mean, k, p, q)]
+        for i, j in blocks:
+            c, o = centred[: j - i], out_rows[i:j]
+            subtract_into(rows[i:j], tiled[0], c)
+            c *= tiled[2]
+            c += tiled[3]
+            multiply_into(grad_rows[i:j], tiled[1], o)
+            o += c
+        if tail is not None:
+            c = tail - mean
+            c *= p
+            c += q
+            multiply_into(grad_tail, k, out_tail)
+            out_tail += c
+        return out
+    shape = (lay.a, lay.c, lay.b)
+    cube, grad, res = xp.reshape(x, shape), xp.reshape(dy, shape), xp.reshape(out, shape)
+    spans = _row_blocks(lay.a, lay.b * _itemsize(x, xp))
+    centred = xp.empty((spans[0][1] - spans[0][0], lay.b), dtype=x.dtype, device=dev)
+    for ch in range(lay.c):
+        m, kc, pc, qc = mean[ch], k[ch], p[ch], q[ch]
+        for i, j in spans:
+            c, o = centred[: j - i], res[i:j, ch, :]
+            subtract_into(cube[i:j, ch, :], m, c)
+            c *= pc
+            c += qc
+            multiply_into(grad[i:j, ch, :], kc, o)
+            o += c
+    return out

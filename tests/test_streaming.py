@@ -2,9 +2,10 @@
 
 The conformance cases are small (a few KiB), below the size where arraybn
 switches to the blocked schedule, so these tests hold the blocked code to the
-same arithmetic on inputs large enough to take it: statistics against a
-float64 two-pass reference, the scale-and-shift bit for bit against
-``x * a`` then ``+= b``, whole layers against the plain schedule, and the
+same arithmetic on inputs large enough to take it: statistics and the
+backward's sums against a float64 reference, the scale-and-shift and the
+backward's elementwise gradient bit for bit against the plain expressions,
+whole layers (forward and backward) against the plain schedule, and the
 memory promise (no input-sized temporary).
 """
 
@@ -17,7 +18,8 @@ import numpy as np
 import pytest
 
 import arraybn
-from arraybn import _streaming
+from arraybn import BNConfig, BNParams, BNState, _streaming
+from arraybn._backward import batch_norm_vjp
 from arraybn._functional import moments, scale_shift
 
 # (shape, channel axis): channels last with tiled rows, channels last where the
@@ -180,3 +182,92 @@ def test_no_input_sized_temporary(shape, channel) -> None:  # type: ignore[no-un
     # a block (512 KiB) and its temporary at most, beside the output
     assert stats_peak < x.nbytes // 4
     assert affine_peak < y.nbytes + x.nbytes // 4
+
+
+@pytest.mark.parametrize(("shape", "channel"), [((64, 28, 28, 32), 3), ((4099, 1024), 1), ((16, 32, 64, 64), 1)])
+def test_backward_makes_no_input_sized_temporary(shape, channel) -> None:  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal(shape).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    c = shape[channel]
+    config = BNConfig(axis=(channel,), rank=len(shape), param_shape=(c,), fused=len(shape) == 4)
+    params = BNParams(np.ones(c, np.float32), np.zeros(c, np.float32))
+    state = BNState(np.zeros(c, np.float32), np.ones(c, np.float32))
+    batch_norm_vjp(x, params, state, dy, training=True, config=config)  # warm up
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        grads = batch_norm_vjp(x, params, state, dy, training=True, config=config)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # dx, and at most two blocks besides (the plain schedule holds three input-sized arrays)
+    assert peak < grads.dx.nbytes + x.nbytes // 4
+
+
+@pytest.mark.parametrize(("shape", "channel"), SHAPES)
+def test_backward_sums_match_a_float64_reference(shape, channel) -> None:  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(8)
+    x = (rng.standard_normal(shape) + 5).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    lay = _streaming.layout(x, channel, xp)
+    axes = tuple(i for i in range(x.ndim) if i != channel)
+    mean = x.astype(np.float64).mean(axis=axes).astype(np.float32)
+    kept = tuple(n if i == channel else 1 for i, n in enumerate(shape))
+    sum_xc, sum_dy, sum_dy_xc = _streaming.centred_sums(x, dy, mean, lay, xp)
+    xc = x.astype(np.float64) - mean.reshape(kept)
+    d64 = dy.astype(np.float64)
+    n = x.size // shape[channel]
+    scale = np.sqrt(n)  # the size of a sum of n unit-variance terms: float32 rounding is relative to it
+    np.testing.assert_allclose(sum_xc, xc.sum(axis=axes), atol=1e-5 * scale)
+    np.testing.assert_allclose(sum_dy, d64.sum(axis=axes), atol=1e-5 * scale)
+    np.testing.assert_allclose(sum_dy_xc, (d64 * xc).sum(axis=axes), atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize(("shape", "channel"), SHAPES)
+def test_backward_gradient_is_bitwise_the_plain_expression(shape, channel) -> None:  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal(shape).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    c = shape[channel]
+    mean, k, p, q = (rng.standard_normal(c).astype(np.float32) for _ in range(4))
+    lay = _streaming.layout(x, channel, xp)
+    dx = _streaming.centred_affine(x, dy, mean, k, p, q, lay, xp)
+    kept = tuple(n if i == channel else 1 for i, n in enumerate(shape))
+    t = (x - mean.reshape(kept)) * p.reshape(kept)
+    t = t + q.reshape(kept)
+    np.testing.assert_array_equal(dx, dy * k.reshape(kept) + t)
+
+
+@pytest.mark.parametrize(
+    ("shape", "axis", "fused"),  # TF's fused kernel: 4-D and 5-D only
+    [
+        ((16, 32, 40, 40), 1, True),
+        ((16, 32, 40, 40), 1, False),
+        ((16, 24, 24, 32), -1, True),
+        ((8192, 60), -1, False),
+        ((2048, 1000), -1, False),
+    ],
+)
+@pytest.mark.parametrize("training", [True, False])
+def test_backward_agrees_with_the_plain_schedule(monkeypatch, shape, axis, fused, training) -> None:  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(10)
+    x = (rng.standard_normal(shape) * 2 + 3).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    c = shape[axis]
+    ax = axis % len(shape)
+    config = BNConfig(axis=(ax,), rank=len(shape), param_shape=(c,), fused=fused)
+    params = BNParams(rng.uniform(0.5, 2, c).astype(np.float32), rng.standard_normal(c).astype(np.float32))
+    state = BNState(rng.standard_normal(c).astype(np.float32), rng.uniform(0.5, 2, c).astype(np.float32))
+    assert _streaming.layout(x, ax, xp) is not None
+    got = batch_norm_vjp(x, params, state, dy, training=training, config=config)
+    with monkeypatch.context() as m:
+        _plain(m)
+        want = batch_norm_vjp(x, params, state, dy, training=training, config=config)
+    # the per-channel sums are added in different orders; everything else is the same arithmetic
+    if training:
+        np.testing.assert_allclose(got.dx, want.dx, rtol=1e-4, atol=1e-6)
+    else:  # dx = dy * k: no sum involved
+        np.testing.assert_array_equal(got.dx, want.dx)
+    np.testing.assert_allclose(got.dgamma, want.dgamma, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(got.dbeta, want.dbeta, rtol=1e-4, atol=1e-3)
