@@ -18,6 +18,7 @@ __all__ = [
     "array_namespace",
     "dtype_from_name",
     "dtype_name",
+    "float_error_settings",
     "float_errors_ignored",
     "is_array",
     "is_cupy_array",
@@ -134,6 +135,18 @@ def subtract_into(x: Any, other: Any, out: Any) -> None:
         np.subtract(x, other, out=out)
     else:
         out[...] = x - other
+
+
+def float_error_settings() -> Any:
+    """A factory of contexts that re-enter the calling thread's NumPy floating-point error settings.
+
+    NumPy keeps ``errstate`` per thread (per context since NumPy 2), so work
+    handed to another thread would otherwise warn where the caller silenced it.
+    """
+    import numpy as np
+
+    settings = np.geterr()
+    return lambda: np.errstate(**settings)
 
 
 def is_array(x: Any) -> bool:

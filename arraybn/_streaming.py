@@ -32,17 +32,25 @@ same results.
 from __future__ import annotations
 
 import math
+import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from types import ModuleType
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
-from ._namespace import array_device, multiply_into, streams_through_cache, subtract_into
+from ._namespace import array_device, float_error_settings, multiply_into, streams_through_cache, subtract_into
 
 Array = Any
+T = TypeVar("T")
+P = TypeVar("P")
 
 _BLOCK_BYTES = 1 << 19  # one block plus its temporary stay in a 1 MiB L2 cache
 _ROW_ELEMENTS = 8192  # channels-last rows hold at least this many elements (see the module docstring)
 _MIN_BYTES = 1 << 20  # below this the plain expressions are as fast
 _MIN_INNER = 256  # channels in the middle: fewer elements per channel row is not worth a loop
+_PIECES = 8  # the work is cut into at most this many pieces, whatever the thread count
+_MAX_THREADS = 4  # memory-bound passes stop scaling before this on common CPUs
 
 
 class Layout(NamedTuple):
@@ -112,36 +120,135 @@ def _accumulate(total: Array | None, part: Array) -> Array:
     return total
 
 
+def _combine(parts: Sequence[Array]) -> Array:
+    """The pieces' partial sums added in order."""
+    total = None
+    for part in parts:
+        total = _accumulate(total, part)
+    return total
+
+
+# ---------------------------------------------------------------------------
+# Threads
+# ---------------------------------------------------------------------------
+
+
+def thread_count() -> int:
+    """How many threads the blocked passes use: ``ARRAYBN_NUM_THREADS``, else the CPUs available (at most 4).
+
+    Read on every call, so it can be changed at run time. Results do not depend
+    on it: the work is always cut into the same pieces, each piece is computed
+    the same way on whichever thread runs it, and partial sums are added in
+    piece order.
+    """
+    env = os.environ.get("ARRAYBN_NUM_THREADS", "").strip()
+    if env:
+        try:
+            value = int(env)
+        except ValueError:
+            value = 0
+        if value < 1:
+            msg = f"ARRAYBN_NUM_THREADS must be a positive integer, got {env!r}."
+            raise ValueError(msg)
+        return value
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, _MAX_THREADS))
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+_pool_lock = threading.Lock()
+
+
+def _executor(workers: int) -> ThreadPoolExecutor:
+    global _pool, _pool_size
+    with _pool_lock:
+        if _pool is None or _pool_size < workers:
+            old = _pool
+            _pool, _pool_size = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="arraybn"), workers
+            if old is not None:
+                old.shutdown(wait=False)
+        return _pool
+
+
+def _forget_pool() -> None:
+    """In a forked child the pool's threads do not exist: start a new pool on first use."""
+    global _pool, _pool_size
+    _pool, _pool_size = None, 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
+def _pieces(items: Sequence[T]) -> list[Sequence[T]]:
+    """``items`` cut into at most ``_PIECES`` contiguous runs of near-equal length (never empty)."""
+    n = len(items)
+    count = min(_PIECES, n)
+    bounds = [n * i // count for i in range(count + 1)]
+    return [items[bounds[i] : bounds[i + 1]] for i in range(count)]
+
+
+def _parallel(fn: Callable[[P], T], pieces: Sequence[P]) -> list[T]:
+    """``[fn(piece) for piece in pieces]``, on up to :func:`thread_count` threads (NumPy and BLAS release the GIL)."""
+    workers = min(thread_count(), len(pieces))
+    if workers <= 1:
+        return [fn(piece) for piece in pieces]
+    settings = float_error_settings()  # NaN and inf stay as silent (or not) on the workers as here
+
+    def run(piece: P) -> T:
+        with settings():
+            return fn(piece)
+
+    futures = [_executor(workers).submit(run, piece) for piece in pieces]
+    wait(futures)  # every piece done (or failed) before anything is returned or raised
+    return [f.result() for f in futures]
+
+
+# ---------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------
+
+
 def _last_moments(x: Array, lay: Layout, xp: ModuleType) -> tuple[Array, Array]:
     """Channels-last :func:`channel_moments`: BLAS sums over blocks of rows, the tail on its own."""
     n = lay.a
+    dev = array_device(x)
     rows, tail = _rows(x, lay, xp)
     blocks = _row_blocks(rows.shape[0], rows.shape[1] * _itemsize(x, xp))
+    pieces = _pieces(blocks)
     height = blocks[0][1] - blocks[0][0]
-    ones = xp.ones((max(height, 0 if tail is None else tail.shape[0]),), dtype=x.dtype, device=array_device(x))
+    ones = xp.ones((max(height, 0 if tail is None else tail.shape[0]),), dtype=x.dtype, device=dev)
 
     def per_channel(row_total: Array, tail_total: Array | None) -> Array:
         folded = _fold(row_total, lay.k, lay.c, xp)
         return folded if tail_total is None else folded + tail_total
 
-    sums = None
-    for i, j in blocks:
-        sums = _accumulate(sums, ones[: j - i] @ rows[i:j])
-    mean = per_channel(sums, None if tail is None else ones[: tail.shape[0]] @ tail) / n
+    def sums(piece: Sequence[tuple[int, int]]) -> Array:
+        return _combine([ones[: j - i] @ rows[i:j] for i, j in piece])
+
+    mean = per_channel(_combine(_parallel(sums, pieces)), None if tail is None else ones[: tail.shape[0]] @ tail) / n
     row_mean = _tiled(mean, lay.k, xp)
-    centred = xp.empty((height, rows.shape[1]), dtype=x.dtype, device=array_device(x))
-    squares = None
-    for i, j in blocks:
-        d = centred[: j - i]  # one block-sized buffer, reused: no allocation per block
-        subtract_into(rows[i:j], row_mean, d)
-        d *= d
-        squares = _accumulate(squares, ones[: j - i] @ d)
+
+    def squares(piece: Sequence[tuple[int, int]]) -> Array:
+        centred = xp.empty((height, rows.shape[1]), dtype=x.dtype, device=dev)  # one buffer per piece, reused
+        total = None
+        for i, j in piece:
+            d = centred[: j - i]
+            subtract_into(rows[i:j], row_mean, d)
+            d *= d
+            total = _accumulate(total, ones[: j - i] @ d)
+        return total
+
     tail_squares = None
     if tail is not None:
         d = tail - mean
         d *= d
         tail_squares = ones[: tail.shape[0]] @ d
-    return mean, per_channel(squares, tail_squares) / n
+    return mean, per_channel(_combine(_parallel(squares, pieces)), tail_squares) / n
 
 
 def channel_moments(x: Array, lay: Layout, xp: ModuleType) -> tuple[Array, Array]:
@@ -149,21 +256,30 @@ def channel_moments(x: Array, lay: Layout, xp: ModuleType) -> tuple[Array, Array
     if lay.b == 1:
         return _last_moments(x, lay, xp)
     n = lay.a * lay.b
+    dev = array_device(x)
     cube = xp.reshape(x, (lay.a, lay.c, lay.b))
-    ones = xp.ones((lay.b,), dtype=x.dtype, device=array_device(x))
-    mean = xp.sum(cube @ ones, axis=0) / n
+    ones = xp.ones((lay.b,), dtype=x.dtype, device=dev)
+    # per (a, channel) row sums through BLAS, over pieces of A; then added over A in order
+    outer = _pieces(_row_blocks(lay.a, lay.c * lay.b * _itemsize(x, xp)))
+    row_sums = _parallel(lambda piece: cube[piece[0][0] : piece[-1][1]] @ ones, outer)
+    mean = xp.sum(xp.concat(row_sums, axis=0), axis=0) / n
     spans = _row_blocks(lay.a, lay.b * _itemsize(x, xp))
-    centred = xp.empty(((spans[0][1] - spans[0][0]) * lay.b,), dtype=x.dtype, device=array_device(x))
-    squares = []
-    for ch in range(lay.c):
-        m = mean[ch]
-        total = None
-        for i, j in spans:
-            d = centred[: (j - i) * lay.b]  # one reused buffer, flat: the sum of squares is one BLAS dot
-            subtract_into(cube[i:j, ch, :], m, xp.reshape(d, (j - i, lay.b)))
-            total = _accumulate(total, d @ d)
-        squares.append(total)
-    variance = xp.stack(squares) / n
+
+    def squares(channels: Sequence[int]) -> list[Array]:
+        centred = xp.empty(((spans[0][1] - spans[0][0]) * lay.b,), dtype=x.dtype, device=dev)
+        totals = []
+        for ch in channels:
+            m = mean[ch]
+            total = None
+            for i, j in spans:
+                d = centred[: (j - i) * lay.b]  # flat: the sum of squares is one BLAS dot
+                subtract_into(cube[i:j, ch, :], m, xp.reshape(d, (j - i, lay.b)))
+                total = _accumulate(total, d @ d)
+            totals.append(total)
+        return totals
+
+    per_piece = _parallel(squares, _pieces(range(lay.c)))
+    variance = xp.stack([t for piece in per_piece for t in piece]) / n
     return mean, variance
 
 
@@ -178,10 +294,14 @@ def scale_shift(x: Array, scale: Array, shift: Array, lay: Layout, xp: ModuleTyp
     if lay.b == 1:
         (rows, tail), (out, out_tail) = _rows(x, lay, xp), _rows(y, lay, xp)
         row_scale, row_shift = _tiled(scale, lay.k, xp), _tiled(shift, lay.k, xp)
-        for i, j in _row_blocks(rows.shape[0], rows.shape[1] * _itemsize(x, xp)):
-            block = out[i:j]
-            multiply_into(rows[i:j], row_scale, block)
-            block += row_shift
+
+        def rows_piece(piece: Sequence[tuple[int, int]]) -> None:
+            for i, j in piece:
+                block = out[i:j]
+                multiply_into(rows[i:j], row_scale, block)
+                block += row_shift
+
+        _parallel(rows_piece, _pieces(_row_blocks(rows.shape[0], rows.shape[1] * _itemsize(x, xp))))
         if tail is not None:
             multiply_into(tail, scale, out_tail)
             out_tail += shift
@@ -189,12 +309,16 @@ def scale_shift(x: Array, scale: Array, shift: Array, lay: Layout, xp: ModuleTyp
     shape = (lay.a, lay.c, lay.b)
     cube, out = xp.reshape(x, shape), xp.reshape(y, shape)
     spans = _row_blocks(lay.a, lay.b * _itemsize(x, xp))
-    for ch in range(lay.c):
-        s, t = scale[ch], shift[ch]
-        for i, j in spans:
-            block = out[i:j, ch, :]
-            multiply_into(cube[i:j, ch, :], s, block)
-            block += t
+
+    def channels_piece(channels: Sequence[int]) -> None:
+        for ch in channels:
+            s, t = scale[ch], shift[ch]
+            for i, j in spans:
+                block = out[i:j, ch, :]
+                multiply_into(cube[i:j, ch, :], s, block)
+                block += t
+
+    _parallel(channels_piece, _pieces(range(lay.c)))
     return y
 
 
@@ -217,17 +341,22 @@ def centred_sums(x: Array, dy: Array, mean: Array, lay: Layout, xp: ModuleType) 
         blocks = _row_blocks(rows.shape[0], rows.shape[1] * _itemsize(x, xp))
         height = blocks[0][1] - blocks[0][0]
         ones = xp.ones((height,), dtype=x.dtype, device=dev)
-        centred = xp.empty((height, rows.shape[1]), dtype=x.dtype, device=dev)
-        product = xp.empty((height, rows.shape[1]), dtype=x.dtype, device=dev)
         row_mean = _tiled(mean, lay.k, xp)
-        sums: list[Array | None] = [None, None, None]
-        for i, j in blocks:
-            o, c, p = ones[: j - i], centred[: j - i], product[: j - i]
-            subtract_into(rows[i:j], row_mean, c)
-            multiply_into(grad_rows[i:j], c, p)
-            for s, block in enumerate((c, grad_rows[i:j], p)):
-                sums[s] = _accumulate(sums[s], o @ block)
-        folded = [_fold(s, lay.k, lay.c, xp) for s in sums]
+
+        def rows_piece(piece: Sequence[tuple[int, int]]) -> list[Array]:
+            centred = xp.empty((height, rows.shape[1]), dtype=x.dtype, device=dev)
+            product = xp.empty((height, rows.shape[1]), dtype=x.dtype, device=dev)
+            sums: list[Array | None] = [None, None, None]
+            for i, j in piece:
+                o, c, p = ones[: j - i], centred[: j - i], product[: j - i]
+                subtract_into(rows[i:j], row_mean, c)
+                multiply_into(grad_rows[i:j], c, p)
+                for s, block in enumerate((c, grad_rows[i:j], p)):
+                    sums[s] = _accumulate(sums[s], o @ block)
+            return sums  # type: ignore[return-value]
+
+        per_piece = _parallel(rows_piece, _pieces(blocks))
+        folded = [_fold(_combine([piece[s] for piece in per_piece]), lay.k, lay.c, xp) for s in range(3)]
         if tail is not None:
             c = tail - mean
             for s, block in enumerate((c, grad_tail, grad_tail * c)):
@@ -235,22 +364,25 @@ def centred_sums(x: Array, dy: Array, mean: Array, lay: Layout, xp: ModuleType) 
         return folded[0], folded[1], folded[2]
     cube, grad = xp.reshape(x, (lay.a, lay.c, lay.b)), xp.reshape(dy, (lay.a, lay.c, lay.b))
     spans = _row_blocks(lay.a, lay.b * _itemsize(x, xp))
-    height = spans[0][1] - spans[0][0]
     ones = xp.ones((lay.b,), dtype=x.dtype, device=dev)
-    centred = xp.empty((height, lay.b), dtype=x.dtype, device=dev)
-    per_channel: list[list[Array]] = [[], [], []]
-    for ch in range(lay.c):
-        m = mean[ch]
-        totals: list[Array | None] = [None, None, None]
-        for i, j in spans:
-            c, g = centred[: j - i], grad[i:j, ch, :]
-            subtract_into(cube[i:j, ch, :], m, c)
-            # row sums and row dot products through BLAS, then their sum
-            for s, rows in enumerate((c @ ones, g @ ones, xp.vecdot(g, c))):
-                totals[s] = _accumulate(totals[s], xp.sum(rows))
-        for s in range(3):
-            per_channel[s].append(totals[s])
-    return xp.stack(per_channel[0]), xp.stack(per_channel[1]), xp.stack(per_channel[2])
+
+    def channels_piece(channels: Sequence[int]) -> list[list[Array]]:
+        centred = xp.empty((spans[0][1] - spans[0][0], lay.b), dtype=x.dtype, device=dev)
+        per_channel = []
+        for ch in channels:
+            m = mean[ch]
+            totals: list[Array | None] = [None, None, None]
+            for i, j in spans:
+                c, g = centred[: j - i], grad[i:j, ch, :]
+                subtract_into(cube[i:j, ch, :], m, c)
+                # row sums and row dot products through BLAS, then their sum
+                for s, row_values in enumerate((c @ ones, g @ ones, xp.vecdot(g, c))):
+                    totals[s] = _accumulate(totals[s], xp.sum(row_values))
+            per_channel.append(totals)
+        return per_channel  # type: ignore[return-value]
+
+    channels = [t for piece in _parallel(channels_piece, _pieces(range(lay.c))) for t in piece]
+    return tuple(xp.stack([t[s] for t in channels]) for s in range(3))  # type: ignore[return-value]
 
 
 def centred_affine(
@@ -272,15 +404,19 @@ def centred_affine(
             _rows(out, lay, xp),
         )
         blocks = _row_blocks(rows.shape[0], rows.shape[1] * _itemsize(x, xp))
-        centred = xp.empty((blocks[0][1] - blocks[0][0], rows.shape[1]), dtype=x.dtype, device=dev)
         tiled = [_tiled(v, lay.k, xp) for v in (mean, k, p, q)]
-        for i, j in blocks:
-            c, o = centred[: j - i], out_rows[i:j]
-            subtract_into(rows[i:j], tiled[0], c)
-            c *= tiled[2]
-            c += tiled[3]
-            multiply_into(grad_rows[i:j], tiled[1], o)
-            o += c
+
+        def rows_piece(piece: Sequence[tuple[int, int]]) -> None:
+            centred = xp.empty((blocks[0][1] - blocks[0][0], rows.shape[1]), dtype=x.dtype, device=dev)
+            for i, j in piece:
+                c, o = centred[: j - i], out_rows[i:j]
+                subtract_into(rows[i:j], tiled[0], c)
+                c *= tiled[2]
+                c += tiled[3]
+                multiply_into(grad_rows[i:j], tiled[1], o)
+                o += c
+
+        _parallel(rows_piece, _pieces(blocks))
         if tail is not None:
             c = tail - mean
             c *= p
@@ -291,14 +427,18 @@ def centred_affine(
     shape = (lay.a, lay.c, lay.b)
     cube, grad, res = xp.reshape(x, shape), xp.reshape(dy, shape), xp.reshape(out, shape)
     spans = _row_blocks(lay.a, lay.b * _itemsize(x, xp))
-    centred = xp.empty((spans[0][1] - spans[0][0], lay.b), dtype=x.dtype, device=dev)
-    for ch in range(lay.c):
-        m, kc, pc, qc = mean[ch], k[ch], p[ch], q[ch]
-        for i, j in spans:
-            c, o = centred[: j - i], res[i:j, ch, :]
-            subtract_into(cube[i:j, ch, :], m, c)
-            c *= pc
-            c += qc
-            multiply_into(grad[i:j, ch, :], kc, o)
-            o += c
+
+    def channels_piece(channels: Sequence[int]) -> None:
+        centred = xp.empty((spans[0][1] - spans[0][0], lay.b), dtype=x.dtype, device=dev)
+        for ch in channels:
+            m, kc, pc, qc = mean[ch], k[ch], p[ch], q[ch]
+            for i, j in spans:
+                c, o = centred[: j - i], res[i:j, ch, :]
+                subtract_into(cube[i:j, ch, :], m, c)
+                c *= pc
+                c += qc
+                multiply_into(grad[i:j, ch, :], kc, o)
+                o += c
+
+    _parallel(channels_piece, _pieces(range(lay.c)))
     return out

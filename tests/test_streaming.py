@@ -163,7 +163,8 @@ def test_layers_agree_with_the_plain_schedule(monkeypatch, shape, axis, training
 @pytest.mark.parametrize(
     ("shape", "channel"), [((64, 28, 28, 32), 3), ((32749, 61), 1), ((4099, 1024), 1), ((16, 32, 64, 64), 1)]
 )
-def test_no_input_sized_temporary(shape, channel) -> None:  # type: ignore[no-untyped-def]
+def test_no_input_sized_temporary(monkeypatch, shape, channel) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("ARRAYBN_NUM_THREADS", "2")  # one block buffer per running thread
     x = np.random.default_rng(7).standard_normal(shape).astype(np.float32)
     kept = tuple(n if i == channel else 1 for i, n in enumerate(shape))
     a = np.full(kept, 1.5, np.float32)
@@ -185,7 +186,8 @@ def test_no_input_sized_temporary(shape, channel) -> None:  # type: ignore[no-un
 
 
 @pytest.mark.parametrize(("shape", "channel"), [((64, 28, 28, 32), 3), ((4099, 1024), 1), ((16, 32, 64, 64), 1)])
-def test_backward_makes_no_input_sized_temporary(shape, channel) -> None:  # type: ignore[no-untyped-def]
+def test_backward_makes_no_input_sized_temporary(monkeypatch, shape, channel) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("ARRAYBN_NUM_THREADS", "2")  # two block buffers per running thread
     rng = np.random.default_rng(11)
     x = rng.standard_normal(shape).astype(np.float32)
     dy = rng.standard_normal(shape).astype(np.float32)
@@ -201,7 +203,7 @@ def test_backward_makes_no_input_sized_temporary(shape, channel) -> None:  # typ
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    # dx, and at most two blocks besides (the plain schedule holds three input-sized arrays)
+    # dx, and a few blocks besides (the plain schedule holds three input-sized arrays)
     assert peak < grads.dx.nbytes + x.nbytes // 4
 
 
@@ -271,3 +273,72 @@ def test_backward_agrees_with_the_plain_schedule(monkeypatch, shape, axis, fused
         np.testing.assert_array_equal(got.dx, want.dx)
     np.testing.assert_allclose(got.dgamma, want.dgamma, rtol=1e-4, atol=1e-3)
     np.testing.assert_allclose(got.dbeta, want.dbeta, rtol=1e-4, atol=1e-3)
+
+
+def _every_blocked_result(x: np.ndarray, channel: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(12)
+    dy = rng.standard_normal(x.shape).astype(x.dtype)
+    vectors = [rng.standard_normal(x.shape[channel]).astype(x.dtype) for _ in range(4)]
+    lay = _streaming.layout(x, channel, xp)
+    return [
+        *_streaming.channel_moments(x, lay, xp),
+        _streaming.scale_shift(x, vectors[0], vectors[1], lay, xp),
+        *_streaming.centred_sums(x, dy, vectors[0], lay, xp),
+        _streaming.centred_affine(x, dy, *vectors, lay, xp),
+    ]
+
+
+@pytest.mark.parametrize(("shape", "channel"), SHAPES)
+def test_results_do_not_depend_on_the_thread_count(monkeypatch, shape, channel) -> None:  # type: ignore[no-untyped-def]
+    x = (np.random.default_rng(13).standard_normal(shape) + 2).astype(np.float32)
+    results = {}
+    for threads in ("1", "2", "5"):
+        monkeypatch.setenv("ARRAYBN_NUM_THREADS", threads)
+        results[threads] = _every_blocked_result(x, channel)
+    for threads in ("2", "5"):
+        for got, want in zip(results[threads], results["1"]):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_thread_count_setting(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("ARRAYBN_NUM_THREADS", "3")
+    assert _streaming.thread_count() == 3
+    monkeypatch.delenv("ARRAYBN_NUM_THREADS")
+    assert 1 <= _streaming.thread_count() <= _streaming._MAX_THREADS
+    x = np.ones((64, 64, 64, 4), np.float32)
+    layer = arraybn.BatchNormalization()
+    layer(x, training=True)
+    before = [w.copy() for w in layer.get_weights()]
+    for bad in ("0", "-2", "two"):
+        monkeypatch.setenv("ARRAYBN_NUM_THREADS", bad)
+        with pytest.raises(ValueError, match="ARRAYBN_NUM_THREADS must be a positive integer"):
+            layer(x, training=True)
+        for got, want in zip(layer.get_weights(), before):  # a call that raises changes nothing
+            np.testing.assert_array_equal(got, want)
+
+
+def _moments_in_child(queue) -> None:  # type: ignore[no-untyped-def]
+    x = np.random.default_rng(14).standard_normal((64, 64, 64, 4)).astype(np.float32)
+    mean, _ = moments(x, [0, 1, 2], xp=xp)
+    queue.put(np.asarray(mean).ravel().tolist())
+
+
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")  # Python >= 3.12
+def test_threads_work_in_a_forked_child(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import multiprocessing
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork on this platform")
+    monkeypatch.setenv("ARRAYBN_NUM_THREADS", "2")
+    x = np.random.default_rng(14).standard_normal((64, 64, 64, 4)).astype(np.float32)
+    parent_mean, _ = moments(x, [0, 1, 2], xp=xp)  # the parent's pool now exists
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_moments_in_child, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    if child.exitcode is None:
+        child.kill()
+        child.join()
+    assert child.exitcode == 0, "the forked child hung or failed"
+    np.testing.assert_array_equal(np.asarray(queue.get(timeout=5), np.float32), parent_mean.ravel())
