@@ -174,6 +174,9 @@ def _versions() -> dict[str, str]:
         m = sys.modules.get(mod)
         if m is not None:
             out[mod] = str(getattr(m, "__version__", "?"))
+    streaming = sys.modules.get("arraybn._streaming")
+    if streaming is not None:  # arraybn's blocked CPU passes (NumPy) run on this many threads
+        out["arraybn CPU threads (ARRAYBN_NUM_THREADS)"] = str(streaming.thread_count())
     return out
 
 
@@ -319,9 +322,9 @@ def main(argv: list[str] | None = None) -> int:
         tf_elsewhere = importlib.util.find_spec("tensorflow") is None
     local = [b for b in backends if not (b == "tf" and tf_elsewhere)]
     targets, skipped = collect_targets(local)
-    versions = _versions()
     # Phase 1: timings, in this process (TensorFlow in its own interpreter with --tf-python).
     results = run_phase(targets, "time", warmup=args.warmup, repeats=args.repeats)
+    versions = _versions()  # after the timings: the libraries they imported are listed
     if tf_elsewhere:
         payload = run_worker(args.tf_python, "time", ["tf"], args)
         results += payload["results"]
