@@ -417,7 +417,7 @@ def batch_norm_backward(ctx: BNContext, dy: Array) -> BNGrads:
         # per statistic sum(dy * xhat) = inv * s2; A and B are per channel
         sum_dy_xhat = inv * s2
     else:
-        s1 = None
+        s1 = sum_dy  # the blocked pass took it anyway (None otherwise)
         sum_dy_xhat = inv * (_sum(dy * xc, param_axes, xp) if sum_dy_xc is None else sum_dy_xc)
         del xc
         dx = dy * k
