@@ -326,6 +326,7 @@ def _moments_in_child(queue) -> None:  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")  # Python >= 3.12
+@pytest.mark.filterwarnings(r"ignore:os\.fork\(\) was called:RuntimeWarning")  # JAX, when another test imported it
 def test_threads_work_in_a_forked_child(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     import multiprocessing
 
