@@ -345,3 +345,34 @@ def test_threads_work_in_a_forked_child(monkeypatch) -> None:  # type: ignore[no
         child.join()
     assert child.exitcode == 0, "the forked child hung or failed"
     np.testing.assert_array_equal(np.asarray(queue.get(timeout=5), np.float32), parent_mean.ravel())
+
+
+def test_blocked_schedule_passes_the_goldens(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """TensorFlow's golden cases through the blocked schedule (they are all below its size threshold).
+
+    Every 4th forward case (about 2000) and every gradient case, with the size
+    and row-length thresholds removed so that every single-channel-axis case
+    takes the blocked passes: the plain path replays the whole set in
+    test_conformance.py and test_backward.py already.
+    """
+    from conformance import gradients, runner
+
+    monkeypatch.setattr(_streaming, "_MIN_BYTES", 0)
+    monkeypatch.setattr(_streaming, "_MIN_INNER", 1)
+    monkeypatch.setenv("ARRAYBN_NUM_THREADS", "2")
+    streamed = []
+    original = _streaming.layout
+
+    def counting(*args):  # type: ignore[no-untyped-def]
+        lay = original(*args)
+        if lay is not None:
+            streamed.append(lay)
+        return lay
+
+    monkeypatch.setattr(_streaming, "layout", counting)
+    summary = runner.run(xp=xp, progress=False, stride=4)
+    assert summary.outcomes, "no cases ran"
+    assert not summary.failures, summary.failure_text(limit=40)
+    failures = gradients.check(xp)
+    assert not failures, list(failures.items())[:10]
+    assert len(streamed) > 1000  # the blocked schedule did run (forward, backward)
