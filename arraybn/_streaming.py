@@ -20,7 +20,13 @@ then ``y += b``, the same two roundings) and changes only the schedule:
   the middle (``B > 1``) are worked one channel at a time with a scalar;
 * the scale-and-shift writes each block of the output and adds the shift while
   the block is still in cache: one read of ``x`` and one write of ``y``, where
-  ``y = x * a; y += b`` over whole arrays streams ``y`` through memory twice.
+  ``y = x * a; y += b`` over whole arrays streams ``y`` through memory twice;
+* the backward's three per-channel sums and its ``dx`` work the same way
+  (:func:`centred_sums`, :func:`centred_affine`);
+* the blocks are cut into at most 8 pieces that run on up to
+  :func:`thread_count` threads (NumPy and BLAS release the GIL); the cut never
+  depends on the thread count and partial sums are added in piece order, so
+  the results are the same bits on any number of threads.
 
 Only used where :func:`arraybn._namespace.streams_through_cache` says so
 (eager, C-contiguous NumPy arrays of float32 or float64, at least 1 MiB);
