@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -193,8 +194,15 @@ def client():  # type: ignore[no-untyped-def]
 
 def _spread(client: Any, a: np.ndarray) -> Any:
     """``a`` as a dask array whose batch chunks live on the workers in turn (chunk i on worker i % 2)."""
-    client.wait_for_workers(2, timeout=120)
-    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    workers: list[str] = []
+    for _ in range(60):
+        client.wait_for_workers(2, timeout=120)
+        # when the query fails (an OSError on a busy machine) the client silently returns its
+        # cached identity, which lists no workers: ask again
+        workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+        if len(workers) == 2:
+            break
+        time.sleep(0.5)
     assert len(workers) == 2, workers
     step = a.shape[0] // N_CHUNKS
     pieces = []
