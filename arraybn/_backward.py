@@ -360,11 +360,10 @@ def batch_norm_backward(ctx: BNContext, dy: Array) -> BNGrads:
 
     # Large eager CPU arrays with one channel axis: the three sums and dx block
     # by block (arraybn._streaming), with the same per-channel arithmetic.
+    # (x and dy have one shape and, here, one dtype: dy only needs to be laid out as x is)
     lay = None
-    if w is None and len(axis) == 1 and stat_axes == param_axes and tuple(dy.shape) == tuple(x.shape):
+    if w is None and len(axis) == 1 and stat_axes == param_axes and _streaming.layout(dy, axis[0], xp) is not None:
         lay = _streaming.layout(x, axis[0], xp)
-        if lay is not None and (dy.dtype != x.dtype or _streaming.layout(dy, axis[0], xp) is None):
-            lay = None
     xc = sum_xc = sum_dy = sum_dy_xc = None
     if lay is not None:
         per_channel = _streaming.centred_sums(x, dy, xp.reshape(mean, (-1,)), lay, xp)
