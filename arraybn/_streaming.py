@@ -87,9 +87,20 @@ def layout(x: Array, channel_axis: int, xp: ModuleType) -> Layout | None:
     return Layout(a, c, b, 1)
 
 
-def _row_blocks(rows: int, row_bytes: int) -> list[tuple[int, int]]:
-    step = max(1, _BLOCK_BYTES // row_bytes)
+def _blocks(rows: int, row_elements: int, like: Array, xp: ModuleType) -> list[tuple[int, int]]:
+    """``[start, stop)`` runs of ``rows`` rows of ``row_elements`` elements of ``like``'s dtype, one block each."""
+    step = max(1, _BLOCK_BYTES // (row_elements * _itemsize(like, xp)))
     return [(i, min(i + step, rows)) for i in range(0, rows, step)]
+
+
+def _height(blocks: list[tuple[int, int]]) -> int:
+    """Rows in the first (the longest) block."""
+    return blocks[0][1] - blocks[0][0]
+
+
+def _buffer(blocks: list[tuple[int, int]], width: int, like: Array, xp: ModuleType) -> Array:
+    """A reusable ``(rows of the longest block, width)`` buffer of ``like``'s dtype and device."""
+    return xp.empty((_height(blocks), width), dtype=like.dtype, device=array_device(like))
 
 
 def _itemsize(x: Array, xp: ModuleType) -> int:
@@ -224,10 +235,9 @@ def _last_moments(x: Array, lay: Layout, xp: ModuleType) -> tuple[Array, Array]:
     n = lay.a
     dev = array_device(x)
     rows, tail = _rows(x, lay, xp)
-    blocks = _row_blocks(rows.shape[0], rows.shape[1] * _itemsize(x, xp))
+    blocks = _blocks(*rows.shape, x, xp)
     pieces = _pieces(blocks)
-    height = blocks[0][1] - blocks[0][0]
-    ones = xp.ones((max(height, 0 if tail is None else tail.shape[0]),), dtype=x.dtype, device=dev)
+    ones = xp.ones((max(_height(blocks), 0 if tail is None else tail.shape[0]),), dtype=x.dtype, device=dev)
 
     def per_channel(row_total: Array, tail_total: Array | None) -> Array:
         folded = _fold(row_total, lay.k, lay.c, xp)
@@ -240,7 +250,7 @@ def _last_moments(x: Array, lay: Layout, xp: ModuleType) -> tuple[Array, Array]:
     row_mean = _tiled(mean, lay.k, xp)
 
     def squares(piece: Sequence[tuple[int, int]]) -> Array:
-        centred = xp.empty((height, rows.shape[1]), dtype=x.dtype, device=dev)  # one buffer per piece, reused
+        centred = _buffer(blocks, rows.shape[1], x, xp)  # one buffer per piece, reused
         total = None
         for i, j in piece:
             d = centred[: j - i]
@@ -266,20 +276,20 @@ def channel_moments(x: Array, lay: Layout, xp: ModuleType) -> tuple[Array, Array
     cube = xp.reshape(x, (lay.a, lay.c, lay.b))
     ones = xp.ones((lay.b,), dtype=x.dtype, device=dev)
     # per (a, channel) row sums through BLAS, over pieces of A; then added over A in order
-    outer = _pieces(_row_blocks(lay.a, lay.c * lay.b * _itemsize(x, xp)))
+    outer = _pieces(_blocks(lay.a, lay.c * lay.b, x, xp))
     row_sums = _parallel(lambda piece: cube[piece[0][0] : piece[-1][1]] @ ones, outer)
     mean = xp.sum(xp.concat(row_sums, axis=0), axis=0) / n
-    spans = _row_blocks(lay.a, lay.b * _itemsize(x, xp))
+    spans = _blocks(lay.a, lay.b, x, xp)
 
     def squares(channels: Sequence[int]) -> list[Array]:
-        centred = xp.empty(((spans[0][1] - spans[0][0]) * lay.b,), dtype=x.dtype, device=dev)
+        centred = _buffer(spans, lay.b, x, xp)
         totals = []
         for ch in channels:
             m = mean[ch]
             total = None
             for i, j in spans:
-                d = centred[: (j - i) * lay.b]  # flat: the sum of squares is one BLAS dot
-                subtract_into(cube[i:j, ch, :], m, xp.reshape(d, (j - i, lay.b)))
+                subtract_into(cube[i:j, ch, :], m, centred[: j - i])
+                d = xp.reshape(centred[: j - i], (-1,))  # flat (a view): the sum of squares is one BLAS dot
                 total = _accumulate(total, d @ d)
             totals.append(total)
         return totals
@@ -307,14 +317,14 @@ def scale_shift(x: Array, scale: Array, shift: Array, lay: Layout, xp: ModuleTyp
                 multiply_into(rows[i:j], row_scale, block)
                 block += row_shift
 
-        _parallel(rows_piece, _pieces(_row_blocks(rows.shape[0], rows.shape[1] * _itemsize(x, xp))))
+        _parallel(rows_piece, _pieces(_blocks(*rows.shape, x, xp)))
         if tail is not None:
             multiply_into(tail, scale, out_tail)
             out_tail += shift
         return y
     shape = (lay.a, lay.c, lay.b)
     cube, out = xp.reshape(x, shape), xp.reshape(y, shape)
-    spans = _row_blocks(lay.a, lay.b * _itemsize(x, xp))
+    spans = _blocks(lay.a, lay.b, x, xp)
 
     def channels_piece(channels: Sequence[int]) -> None:
         for ch in channels:
@@ -344,14 +354,12 @@ def centred_sums(x: Array, dy: Array, mean: Array, lay: Layout, xp: ModuleType) 
     dev = array_device(x)
     if lay.b == 1:
         (rows, tail), (grad_rows, grad_tail) = _rows(x, lay, xp), _rows(dy, lay, xp)
-        blocks = _row_blocks(rows.shape[0], rows.shape[1] * _itemsize(x, xp))
-        height = blocks[0][1] - blocks[0][0]
-        ones = xp.ones((height,), dtype=x.dtype, device=dev)
+        blocks = _blocks(*rows.shape, x, xp)
+        ones = xp.ones((_height(blocks),), dtype=x.dtype, device=dev)
         row_mean = _tiled(mean, lay.k, xp)
 
         def rows_piece(piece: Sequence[tuple[int, int]]) -> list[Array]:
-            centred = xp.empty((height, rows.shape[1]), dtype=x.dtype, device=dev)
-            product = xp.empty((height, rows.shape[1]), dtype=x.dtype, device=dev)
+            centred, product = _buffer(blocks, rows.shape[1], x, xp), _buffer(blocks, rows.shape[1], x, xp)
             sums: list[Array | None] = [None, None, None]
             for i, j in piece:
                 o, c, p = ones[: j - i], centred[: j - i], product[: j - i]
@@ -369,11 +377,11 @@ def centred_sums(x: Array, dy: Array, mean: Array, lay: Layout, xp: ModuleType) 
                 folded[s] = folded[s] + xp.sum(block, axis=0)
         return folded[0], folded[1], folded[2]
     cube, grad = xp.reshape(x, (lay.a, lay.c, lay.b)), xp.reshape(dy, (lay.a, lay.c, lay.b))
-    spans = _row_blocks(lay.a, lay.b * _itemsize(x, xp))
+    spans = _blocks(lay.a, lay.b, x, xp)
     ones = xp.ones((lay.b,), dtype=x.dtype, device=dev)
 
     def channels_piece(channels: Sequence[int]) -> list[list[Array]]:
-        centred = xp.empty((spans[0][1] - spans[0][0], lay.b), dtype=x.dtype, device=dev)
+        centred = _buffer(spans, lay.b, x, xp)
         per_channel = []
         for ch in channels:
             m = mean[ch]
@@ -402,18 +410,17 @@ def centred_affine(
     one write of the result.
     """
     out = xp.empty_like(x)
-    dev = array_device(x)
     if lay.b == 1:
         (rows, tail), (grad_rows, grad_tail), (out_rows, out_tail) = (
             _rows(x, lay, xp),
             _rows(dy, lay, xp),
             _rows(out, lay, xp),
         )
-        blocks = _row_blocks(rows.shape[0], rows.shape[1] * _itemsize(x, xp))
+        blocks = _blocks(*rows.shape, x, xp)
         tiled = [_tiled(v, lay.k, xp) for v in (mean, k, p, q)]
 
         def rows_piece(piece: Sequence[tuple[int, int]]) -> None:
-            centred = xp.empty((blocks[0][1] - blocks[0][0], rows.shape[1]), dtype=x.dtype, device=dev)
+            centred = _buffer(blocks, rows.shape[1], x, xp)
             for i, j in piece:
                 c, o = centred[: j - i], out_rows[i:j]
                 subtract_into(rows[i:j], tiled[0], c)
@@ -432,10 +439,10 @@ def centred_affine(
         return out
     shape = (lay.a, lay.c, lay.b)
     cube, grad, res = xp.reshape(x, shape), xp.reshape(dy, shape), xp.reshape(out, shape)
-    spans = _row_blocks(lay.a, lay.b * _itemsize(x, xp))
+    spans = _blocks(lay.a, lay.b, x, xp)
 
     def channels_piece(channels: Sequence[int]) -> None:
-        centred = xp.empty((spans[0][1] - spans[0][0], lay.b), dtype=x.dtype, device=dev)
+        centred = _buffer(spans, lay.b, x, xp)
         for ch in channels:
             m, kc, pc, qc = mean[ch], k[ch], p[ch], q[ch]
             for i, j in spans:
