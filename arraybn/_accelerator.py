@@ -1,14 +1,17 @@
-"""Per-channel sums and the output's multiply-add, scheduled for GPUs.
+"""Per-channel sums, the output's multiply-add and the per-channel arithmetic, scheduled for GPUs.
 
-The plain Array API expressions are exact but, on a GPU, two of them run far
-below memory speed:
+The plain Array API expressions are exact but, on a GPU, three things in them
+run far below memory speed:
 
 * a reduction over the leading axes (``xp.sum(x, axis=(0, 1, 2))`` for
   channels-last data, ``axis=(0, 2, 3)`` for channels in the middle) keeps only
   one output per channel, and CuPy's generic reduction kernel gives each output
   one thread block: with 64 channels most of the GPU idles (about 5 ms for the
   25 MB that a copy moves in 0.06 ms on an H100);
-* ``y = x * a`` then ``y += b`` reads and writes the tensor twice.
+* ``y = x * a`` then ``y += b`` reads and writes the tensor twice;
+* every operation is a kernel launch of its own (about 17 us of host time on
+  CuPy): a training call made about 18, most of them on vectors of ``C``
+  elements, so that the host, not the memory, set its pace.
 
 Here, for CuPy arrays:
 
@@ -24,10 +27,19 @@ Here, for CuPy arrays:
   operation rounded as the separate Array API operations round
   (``__fmul_rn``/``__fadd_rn``/``__fsub_rn`` and their double versions: the
   compiler may not contract them to a fused multiply-add), so the results are
-  bit-identical to the two-operation forms.
+  bit-identical to the two-operation forms; the squared difference also
+  takes the sums and their count, so that the mean needs no kernel of its own;
+* between the passes, the per-channel arithmetic of a training call (the
+  statistics' divisions, the output's ``scale``/``shift``, the moving averages;
+  about a dozen operations on vectors of ``C`` elements, each a kernel launch
+  costing more host time than a pass over the input) is one kernel,
+  ``_kernels.cu``, in both of TensorFlow's rules (fused and non-fused), again
+  rounded operation by operation: bit-identical to the Array API code. A
+  channels-last training call is five launches (sum, squared difference, sum,
+  per-channel kernel, multiply-add), an inference call two.
 
-Only eager CuPy arrays of float32/float64 of at least 1 MiB take these, and the
-sums only while ``matmul`` computes in full float32 (``CUPY_TF32`` unset).
+Eager CuPy arrays of float32/float64 take the kernels at any size; the matmul
+sums need at least 1 MiB and ``matmul`` in full float32 (``CUPY_TF32`` unset).
 torch CUDA keeps the plain expressions: its own reduction and elementwise
 kernels measured faster than these schedules (docs/performance.md). CPU
 namespaces run the plain expressions or :mod:`arraybn._streaming`; lazy and
@@ -38,6 +50,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections import OrderedDict
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -45,8 +59,13 @@ from ._namespace import array_device, is_cupy_array
 
 Array = Any
 
-_MIN_BYTES = 1 << 20  # below this the plain expressions are as fast (fewer kernel launches)
+_MIN_BYTES = 1 << 20  # the matmul sums below this: CuPy's reduction is as fast
 _MAX_LAST = 256  # longer channel vectors give CuPy's own reduction enough outputs to fill the GPU
+_ONES_KEPT = 8  # vectors of ones kept for the matmul sums (one per input shape in use, about 0.4 MiB each)
+_THREADS = 128  # threads per block of the per-channel kernel
+
+# flags of the per-channel kernels (_kernels.cu)
+_HAS_GAMMA, _HAS_BETA, _UPDATE = 1, 2, 4
 
 
 def _float_itemsize(x: Array, xp: ModuleType) -> int | None:
@@ -58,22 +77,40 @@ def _float_itemsize(x: Array, xp: ModuleType) -> int | None:
 
 
 def takes_kernels(x: Array, xp: ModuleType) -> bool:
-    """True for eager CuPy float32/float64 arrays of at least ``_MIN_BYTES`` (from types and shapes only)."""
-    if not is_cupy_array(x):
-        return False
-    size = _float_itemsize(x, xp)
-    return size is not None and math.prod(x.shape) * size >= _MIN_BYTES
+    """True for eager, non-empty CuPy float32/float64 arrays (from types and shapes only)."""
+    return is_cupy_array(x) and _float_itemsize(x, xp) is not None and math.prod(x.shape) > 0
 
 
 def uses_matmul_sums(x: Array, channel: int, xp: ModuleType) -> bool:
-    """True where :func:`channel_sums` is the faster schedule: channels-last CuPy data, full float32 matmul."""
+    """True where :func:`channel_sums` is the faster schedule: channels-last CuPy data of at least
+    ``_MIN_BYTES``, full float32 matmul."""
     c = x.shape[channel]
     return (
         takes_kernels(x, xp)
+        and math.prod(x.shape) * x.dtype.itemsize >= _MIN_BYTES
         and channel % x.ndim == x.ndim - 1
         and 0 < c <= _MAX_LAST
         and os.environ.get("CUPY_TF32", "0") != "1"
     )
+
+
+_ONES: OrderedDict[tuple[Any, ...], Array] = OrderedDict()
+
+
+def _ones(n: int, x: Array, xp: ModuleType) -> Array:
+    """A vector of ``n`` ones in ``x``'s dtype on its device; CuPy's are kept (a fill kernel saved per call)."""
+    dev = array_device(x)
+    if not is_cupy_array(x):
+        return xp.ones((n,), dtype=x.dtype, device=dev)
+    key = (n, str(x.dtype), dev.id)
+    ones = _ONES.get(key)
+    if ones is None:
+        ones = _ONES[key] = xp.ones((n,), dtype=x.dtype, device=dev)
+        if len(_ONES) > _ONES_KEPT:
+            _ONES.popitem(last=False)
+    else:
+        _ONES.move_to_end(key)
+    return ones
 
 
 def channel_sums(x: Array, channel: int, xp: ModuleType, ones: Array | None = None) -> Array:
@@ -81,35 +118,38 @@ def channel_sums(x: Array, channel: int, xp: ModuleType, ones: Array | None = No
     c = x.shape[channel]
     a = math.prod(x.shape) // c
     if ones is None:
-        ones = xp.ones((a,), dtype=x.dtype, device=array_device(x))
+        ones = _ones(a, x, xp)
     return ones @ xp.reshape(x, (a, c))
+
+
+def channel_raw_moments(x: Array, channel: int, xp: ModuleType) -> tuple[Array, Array, int]:
+    """``(sum, centred sum of squares, n)`` per channel (shape ``(C,)``), for ``mean = sum / n`` and
+    ``variance = squares / n``: the two passes of ``tf.nn.moments`` before their divisions."""
+    c = x.shape[channel]
+    n = math.prod(x.shape) // c
+    ones = _ones(n, x, xp)
+    sums = channel_sums(x, channel, xp, ones)
+    squares = channel_sums(squared_difference(x, sums, xp, count=n), channel, xp, ones)
+    return sums, squares, n
 
 
 def channel_moments(x: Array, channel: int, xp: ModuleType) -> tuple[Array, Array]:
     """Mean and biased variance per channel (shape ``(C,)``): two passes, as ``tf.nn.moments``."""
-    c = x.shape[channel]
-    n = math.prod(x.shape) // c
-    ones = xp.ones((n,), dtype=x.dtype, device=array_device(x))
-    mean = channel_sums(x, channel, xp, ones) / n
-    d = squared_difference(x, mean, xp)  # the channel axis is last: (C,) broadcasts
-    variance = channel_sums(d, channel, xp, ones) / n
-    return mean, variance
+    sums, squares, n = channel_raw_moments(x, channel, xp)
+    return sums / n, squares / n
 
 
 # ---------------------------------------------------------------------------
-# CuPy elementwise kernels
+# CuPy kernels
 # ---------------------------------------------------------------------------
 
-_ROUNDED = r"""
-__device__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
-__device__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
-__device__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
-__device__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
-__device__ float sub_rn(float a, float b) { return __fsub_rn(a, b); }
-__device__ double sub_rn(double a, double b) { return __dsub_rn(a, b); }
-"""
-
+_SOURCE_PATH = Path(__file__).with_name("_kernels.cu")
 _KERNELS: dict[str, Any] = {}
+
+
+def kernel_source() -> str:
+    """The CUDA source of the per-channel kernels and of the rounded operations (``_kernels.cu``)."""
+    return _SOURCE_PATH.read_text(encoding="utf-8")
 
 
 def _kernel(name: str) -> Any:
@@ -119,16 +159,21 @@ def _kernel(name: str) -> Any:
 
         if name == "multiply_add":
             kernel = cupy.ElementwiseKernel(
-                "T x, T a, T b", "T y", "y = add_rn(mul_rn(x, a), b)", "arraybn_multiply_add", preamble=_ROUNDED
+                "T x, T a, T b", "T y", "y = add_rn(mul_rn(x, a), b)", "arraybn_multiply_add", preamble=kernel_source()
             )
-        else:
+        elif name == "squared_difference":
             kernel = cupy.ElementwiseKernel(
-                "T x, T m",
+                "T x, T s, T count",
                 "T y",
-                "T d = sub_rn(x, m); y = mul_rn(d, d)",
+                "T d = sub_rn(x, div_rn(s, count)); y = mul_rn(d, d)",
                 "arraybn_squared_difference",
-                preamble=_ROUNDED,
+                preamble=kernel_source(),
             )
+        else:  # a per-channel kernel of _kernels.cu
+            module = _KERNELS.get("module")
+            if module is None:
+                module = _KERNELS["module"] = cupy.RawModule(code=kernel_source())
+            kernel = module.get_function(name)
         _KERNELS[name] = kernel
     return kernel
 
@@ -140,9 +185,96 @@ def multiply_add(x: Array, scale: Array, shift: Array, xp: ModuleType) -> Array 
     return _kernel("multiply_add")(x, scale, shift)
 
 
-def squared_difference(x: Array, m: Array, xp: ModuleType) -> Array:
-    """``(x - m) * (x - m)``: one pass on CuPy, the two operations elsewhere."""
+def squared_difference(x: Array, m: Array, xp: ModuleType, *, count: int = 1) -> Array:
+    """``(x - m / count) ** 2`` as ``d = x - m / count; d * d``: one pass on CuPy, the operations elsewhere.
+
+    ``count`` lets ``m`` be a sum whose mean is formed on the fly (``m / 1`` is ``m`` exactly).
+    """
     if takes_kernels(x, xp) and m.dtype == x.dtype:
-        return _kernel("squared_difference")(x, m)
-    d = x - m
+        return _kernel("squared_difference")(x, m, x.dtype.type(count))
+    d = x - (m if count == 1 else m / count)
     return d * d
+
+
+def batch_norm(
+    x: Array,
+    gamma: Array | None,
+    beta: Array | None,
+    moving_mean: Array,
+    moving_variance: Array,
+    *,
+    axes: tuple[int, ...],
+    fused: bool,
+    training: bool,
+    update: bool,
+    epsilon: float,
+    factors: tuple[float, ...],
+    xp: ModuleType,
+) -> tuple[Array, tuple[Array, Array] | None] | None:
+    """One forward of the layer on CuPy: statistics, per-channel kernel, multiply-add.
+
+    ``x`` is in the computation's dtype and is reduced over ``axes``; the weights
+    have the statistics' elements in order (``config.param_shape``). ``fused``
+    picks the rule of ``_kernels.cu``; ``factors`` are its float32-rounded host
+    constants: ``(keep, mean_factor, variance_factor)`` for the fused rule,
+    ``(decay,)`` for the other; ``update`` asks for the moving statistics.
+    Returns ``(y, (moving_mean, moving_variance) or None)``, or None where this
+    schedule does not apply (not CuPy, other dtypes, no reduced axis): the
+    caller then runs the Array API code, which gives the same bits.
+    """
+    weights = [w for w in (gamma, beta, moving_mean, moving_variance) if w is not None]
+    if not (axes and takes_kernels(x, xp) and all(w.dtype == x.dtype for w in weights)):
+        return None
+    if fused and x.dtype != xp.float32:
+        return None
+    import cupy
+    import numpy as np
+
+    kept = tuple(1 if i in axes else n for i, n in enumerate(x.shape))
+    channels = [i for i in range(x.ndim) if i not in axes]
+    if not training:
+        sums, squares, count = moving_mean, moving_variance, 1
+    elif len(channels) == 1 and uses_matmul_sums(x, channels[0], xp):
+        sums, squares, count = channel_raw_moments(x, channels[0], xp)
+    else:  # CuPy's own reduction: the statistics come divided
+        sums = xp.mean(x, axis=axes, keepdims=True)
+        squares = xp.mean(squared_difference(x, sums, xp), axis=axes, keepdims=True)
+        count = 1
+    p = math.prod(kept)
+    dt = x.dtype.type
+    scale, shift = cupy.empty(p, x.dtype), cupy.empty(p, x.dtype)
+    if update:
+        new_mean, new_variance = cupy.empty(p, x.dtype), cupy.empty(p, x.dtype)
+    else:  # not written by the kernel
+        new_mean, new_variance, factors = scale, shift, (0.0,) * len(factors)
+
+    def flat(a: Array | None) -> Array:  # a contiguous (p,) view; an absent weight is not read
+        return scale if a is None else cupy.ascontiguousarray(xp.reshape(a, (p,)))
+
+    flags = (
+        (_HAS_GAMMA if gamma is not None else 0) | (_HAS_BETA if beta is not None else 0) | (_UPDATE if update else 0)
+    )
+    rule = "arraybn_fused_coefficients_" if fused else "arraybn_coefficients_"
+    args = (
+        np.int64(p),
+        np.int32(flags),
+        flat(sums),
+        flat(squares),
+        dt(count),
+        flat(gamma),
+        flat(beta),
+        flat(moving_mean),
+        flat(moving_variance),
+        dt(epsilon),
+        *(dt(f) for f in factors),
+        scale,
+        shift,
+        new_mean,
+        new_variance,
+    )
+    blocks = min(-(-p // _THREADS), 1 << 16)  # a grid-stride loop covers the rest
+    _kernel(rule + ("f32" if x.dtype == xp.float32 else "f64"))((blocks,), (_THREADS,), args)
+    y = _kernel("multiply_add")(x, xp.reshape(scale, kept), xp.reshape(shift, kept))
+    if not update:
+        return y, None
+    return y, (xp.reshape(new_mean, moving_mean.shape), xp.reshape(new_variance, moving_variance.shape))

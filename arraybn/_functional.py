@@ -381,11 +381,19 @@ def fused_moving_update(
     """
     dev = array_device(variable)
     dt = variable.dtype
-    # the kernel's float32 attribute f, then 1 - f and f * bessel rounded to float32 (on the host)
+    keep, factor = _fused_factors(momentum, bessel)
+    one_minus_f = _f32_const(keep, dt, xp, dev)
+    return one_minus_f * variable + _f32_const(factor, dt, xp, dev) * _cast(_cast(batch_value, xp.float32, xp), dt, xp)
+
+
+def _fused_factors(momentum: float, bessel: float) -> tuple[float, float]:
+    """``(1 - f, f * bessel)`` of the fused kernel's update, each rounded to float32 (on the host).
+
+    ``f = float32(1 - momentum)`` is the kernel's float32 attribute; with
+    ``bessel = 1`` the second factor is ``f`` itself.
+    """
     f = float32_value(1.0 - momentum)
-    one_minus_f = _f32_const(1.0 - f, dt, xp, dev)
-    factor = _f32_const(f * float32_value(bessel), dt, xp, dev)  # bessel = 1: f itself
-    return one_minus_f * variable + factor * _cast(_cast(batch_value, xp.float32, xp), dt, xp)
+    return float32_value(1.0 - f), float32_value(f * float32_value(bessel))
 
 
 def renorm_correction(
@@ -520,6 +528,28 @@ def _fused(
     ndim = x.ndim
     out_dtype = x.dtype
     xf = x if x.dtype == xp.float32 else xp.astype(x, xp.float32)
+    axes = tuple(i for i in range(ndim) if i != ch)
+    update = training and trainable
+    n = math.prod([x.shape[i] for i in axes])
+    bessel = n / max(n - 1, 1)
+    if _accelerator.takes_kernels(xf, xp) and (config.fused_avg_updates or not update):
+        keep, mean_factor = _fused_factors(config.momentum, 1.0) if update else (0.0, 0.0)
+        variance_factor = _fused_factors(config.momentum, bessel)[1] if update else 0.0
+        fast = _accelerator.batch_norm(
+            xf,
+            *params,
+            state.moving_mean,
+            state.moving_variance,
+            axes=axes,
+            fused=True,
+            training=training,
+            update=update,
+            epsilon=float32_value(config.epsilon),
+            factors=(keep, mean_factor, variance_factor),
+            xp=xp,
+        )
+        if fast is not None:
+            return _from_kernels(fast, state, out_dtype, xp)
     bshape = tuple(x.shape[i] if i == ch else 1 for i in range(ndim))
     dev = array_device(x)
     gamma, beta = params
@@ -530,7 +560,6 @@ def _fused(
     gamma = xp.reshape(_cast(gamma, xp.float32, xp), bshape)
     beta = xp.reshape(_cast(beta, xp.float32, xp), bshape)
     eps = _f32_const(config.epsilon, xp.float32, xp, dev)
-    axes = tuple(i for i in range(ndim) if i != ch)
     if training:
         mean, variance = moments(xf, axes, xp=xp)
         scaling = gamma / xp.sqrt(variance + eps)
@@ -538,8 +567,6 @@ def _fused(
         y = scale_shift(xf, scaling, beta - mean * scaling, xp=xp)
         new_state = state
         if trainable:
-            n = math.prod([x.shape[i] for i in axes])
-            bessel = n / max(n - 1, 1)
             bmean = xp.reshape(mean, config.param_shape)
             bvar = xp.reshape(variance, config.param_shape)
             if config.fused_avg_updates:
@@ -561,6 +588,15 @@ def _fused(
     if y.dtype != out_dtype:
         y = xp.astype(y, out_dtype)
     return y, new_state
+
+
+def _from_kernels(
+    fast: tuple[Array, tuple[Array, Array] | None], state: BNState, out_dtype: Any, xp: ModuleType
+) -> tuple[Array, BNState]:
+    """The layer's result from :func:`arraybn._accelerator.batch_norm`'s: output cast back, new state."""
+    y, moving = fast
+    new_state = state if moving is None else _updated(state, moving_mean=moving[0], moving_variance=moving[1])
+    return _cast(y, out_dtype, xp), new_state
 
 
 def _non_fused(
@@ -602,6 +638,27 @@ def _non_fused(
         x = xp.astype(x, xp.float32)
     ndim = x.ndim
     reduction_axes = _reduction_axes(ndim, axis, vbs is not None)
+    plain = vbs is None and not (training and (mask is not None or adjustment is not None or config.renorm))
+    if plain and x.dtype == param_dtype and _accelerator.takes_kernels(x, xp):
+        update = training and trainable
+        decay = _host_f32(1.0 - config.momentum) if update else 0.0
+        fast = None
+        if decay is not None:
+            fast = _accelerator.batch_norm(
+                x,
+                *params,
+                state.moving_mean,
+                state.moving_variance,
+                axes=tuple(reduction_axes),
+                fused=False,
+                training=training,
+                update=update,
+                epsilon=float32_value(config.epsilon) if x.dtype == xp.float32 else float(config.epsilon),
+                factors=(decay,),
+                xp=xp,
+            )
+        if fast is not None:
+            return _from_kernels(fast, state, out_dtype, xp)
     bshape = _broadcast_shape(ndim, axis, x.shape)
     gamma, beta = params
     scale = _reshape_param(gamma, bshape, xp)

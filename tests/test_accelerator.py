@@ -7,6 +7,8 @@
   only (CuPy alone; the sums not where ``matmul`` would run in TF32);
 * on CuPy, the one-pass kernels are bit-identical to ``y = x * a; y += b``
   and to ``d = x - m; d * d``;
+* the per-channel kernels (``_kernels.cu``) are checked bit for bit in
+  tests/test_kernels.py, on the host build and on CuPy;
 * on CuPy and torch CUDA, whole layers (forward and backward) on large
   inputs match NumPy, and on CuPy the TensorFlow goldens pass with the size
   threshold removed, so that every case takes the schedule.
@@ -99,8 +101,11 @@ def test_cupy_takes_the_schedule_where_it_pays(xp, asarray, monkeypatch) -> None
     assert _accelerator.uses_matmul_sums(nhwc, 3, xp)
     assert not _accelerator.uses_matmul_sums(asarray(np.zeros((16, 64, 28, 28), np.float32)), 1, xp)  # NCHW
     assert not _accelerator.uses_matmul_sums(asarray(np.zeros((512, 1024), np.float32)), 1, xp)  # long rows
-    assert not _accelerator.takes_kernels(asarray(np.zeros((16, 16), np.float32)), xp)  # small
+    small = asarray(np.zeros((16, 16), np.float32))
+    assert _accelerator.takes_kernels(small, xp)  # the kernels at any size (fewer launches)
+    assert not _accelerator.uses_matmul_sums(small, 1, xp)  # the matmul sums from 1 MiB
     assert not _accelerator.takes_kernels(asarray(np.zeros((1024, 512), np.float16)), xp)
+    assert not _accelerator.takes_kernels(asarray(np.zeros((0, 16), np.float32)), xp)  # empty
     monkeypatch.setenv("CUPY_TF32", "1")  # matmul in TF32 would round the summands to 10 bits
     assert not _accelerator.uses_matmul_sums(nhwc, 3, xp)
 
