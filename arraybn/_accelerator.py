@@ -119,7 +119,7 @@ def channel_sums(x: Array, channel: int, xp: ModuleType, ones: Array | None = No
     a = math.prod(x.shape) // c
     if ones is None:
         ones = _ones(a, x, xp)
-    return ones @ xp.reshape(x, (a, c))
+    return ones @ (x.reshape(a, c) if is_cupy_array(x) else xp.reshape(x, (a, c)))
 
 
 def channel_raw_moments(x: Array, channel: int, xp: ModuleType) -> tuple[Array, Array, int]:
@@ -222,59 +222,57 @@ def batch_norm(
     schedule does not apply (not CuPy, other dtypes, no reduced axis): the
     caller then runs the Array API code, which gives the same bits.
     """
-    weights = [w for w in (gamma, beta, moving_mean, moving_variance) if w is not None]
-    if not (axes and takes_kernels(x, xp) and all(w.dtype == x.dtype for w in weights)):
+    dtype = x.dtype
+    if not (axes and takes_kernels(x, xp)) or (fused and dtype != xp.float32):
         return None
-    if fused and x.dtype != xp.float32:
+    if any(w is not None and w.dtype != dtype for w in (gamma, beta, moving_mean, moving_variance)):
         return None
     import cupy
     import numpy as np
 
+    # CuPy's own array methods from here on: the compat namespace's wrappers cost host time
     kept = tuple(1 if i in axes else n for i, n in enumerate(x.shape))
-    channels = [i for i in range(x.ndim) if i not in axes]
+    p = math.prod(kept)
     if not training:
         sums, squares, count = moving_mean, moving_variance, 1
-    elif len(channels) == 1 and uses_matmul_sums(x, channels[0], xp):
-        sums, squares, count = channel_raw_moments(x, channels[0], xp)
+    elif x.ndim - 1 not in axes and p == x.shape[-1] and uses_matmul_sums(x, x.ndim - 1, xp):  # channels last
+        sums, squares, count = channel_raw_moments(x, x.ndim - 1, xp)
     else:  # CuPy's own reduction: the statistics come divided
         sums = xp.mean(x, axis=axes, keepdims=True)
         squares = xp.mean(squared_difference(x, sums, xp), axis=axes, keepdims=True)
         count = 1
-    p = math.prod(kept)
-    dt = x.dtype.type
-    scale, shift = cupy.empty(p, x.dtype), cupy.empty(p, x.dtype)
+    scale, shift = cupy.empty(p, dtype), cupy.empty(p, dtype)
     if update:
-        new_mean, new_variance = cupy.empty(p, x.dtype), cupy.empty(p, x.dtype)
+        new_mean, new_variance = cupy.empty(p, dtype), cupy.empty(p, dtype)
     else:  # not written by the kernel
         new_mean, new_variance, factors = scale, shift, (0.0,) * len(factors)
-
-    def flat(a: Array | None) -> Array:  # a contiguous (p,) view; an absent weight is not read
-        return scale if a is None else cupy.ascontiguousarray(xp.reshape(a, (p,)))
-
+    # contiguous (p,) views (copies where a weight is strided); an absent weight is not read
+    vectors = [scale if a is None else cupy.ascontiguousarray(a.reshape(p)) for a in (sums, squares, gamma, beta)]
+    moving = [cupy.ascontiguousarray(a.reshape(p)) for a in (moving_mean, moving_variance)]
     flags = (
         (_HAS_GAMMA if gamma is not None else 0) | (_HAS_BETA if beta is not None else 0) | (_UPDATE if update else 0)
     )
-    rule = "arraybn_fused_coefficients_" if fused else "arraybn_coefficients_"
+    dt = dtype.type
     args = (
         np.int64(p),
         np.int32(flags),
-        flat(sums),
-        flat(squares),
+        vectors[0],
+        vectors[1],
         dt(count),
-        flat(gamma),
-        flat(beta),
-        flat(moving_mean),
-        flat(moving_variance),
+        vectors[2],
+        vectors[3],
+        *moving,
         dt(epsilon),
-        *(dt(f) for f in factors),
+        *[dt(f) for f in factors],
         scale,
         shift,
         new_mean,
         new_variance,
     )
+    rule = "arraybn_fused_coefficients_" if fused else "arraybn_coefficients_"
     blocks = min(-(-p // _THREADS), 1 << 16)  # a grid-stride loop covers the rest
-    _kernel(rule + ("f32" if x.dtype == xp.float32 else "f64"))((blocks,), (_THREADS,), args)
-    y = _kernel("multiply_add")(x, xp.reshape(scale, kept), xp.reshape(shift, kept))
+    _kernel(rule + ("f32" if dtype == xp.float32 else "f64"))((blocks,), (_THREADS,), args)
+    y = _kernel("multiply_add")(x, scale.reshape(kept), shift.reshape(kept))
     if not update:
         return y, None
-    return y, (xp.reshape(new_mean, moving_mean.shape), xp.reshape(new_variance, moving_variance.shape))
+    return y, (new_mean.reshape(moving_mean.shape), new_variance.reshape(moving_variance.shape))

@@ -14,6 +14,7 @@ TensorFlow to a few units in the last place.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import struct
@@ -381,16 +382,18 @@ def fused_moving_update(
     """
     dev = array_device(variable)
     dt = variable.dtype
-    keep, factor = _fused_factors(momentum, bessel)
+    keep, factor = _fused_factors(float(momentum), float(bessel))
     one_minus_f = _f32_const(keep, dt, xp, dev)
     return one_minus_f * variable + _f32_const(factor, dt, xp, dev) * _cast(_cast(batch_value, xp.float32, xp), dt, xp)
 
 
+@functools.lru_cache(maxsize=256)
 def _fused_factors(momentum: float, bessel: float) -> tuple[float, float]:
     """``(1 - f, f * bessel)`` of the fused kernel's update, each rounded to float32 (on the host).
 
     ``f = float32(1 - momentum)`` is the kernel's float32 attribute; with
-    ``bessel = 1`` the second factor is ``f`` itself.
+    ``bessel = 1`` the second factor is ``f`` itself. Kept per (momentum, bessel):
+    both are the same on every call of a layer.
     """
     f = float32_value(1.0 - momentum)
     return float32_value(1.0 - f), float32_value(f * float32_value(bessel))

@@ -285,8 +285,13 @@ def test_statistics_given_as_sums_are_divided_in_the_kernel(numpy_as_cupy, host_
     """The matmul schedule hands the kernels raw sums and their count: the mean is ``sum / n``
     rounded once, as the Array API's ``sum / n``; whole layers agree with the plain schedule to
     the rounding of the sums' order."""
-    shape = (4096, 64)  # 1 MiB: the matmul sums
-    for kwargs in ({"axis": -1}, {"axis": -1, "fused": False}):
+    # 1 MiB channels last: the matmul sums; and channels in the middle as many as the last axis
+    # (the last axis is reduced there: no matmul sums even where they are offered)
+    for shape, kwargs in [
+        ((4096, 64), {"axis": -1}),
+        ((4096, 64), {"axis": -1, "fused": False}),
+        ((64, 8, 16, 8), {"axis": 1}),
+    ]:
         fast, plain = arraybn.BatchNormalization(**kwargs), arraybn.BatchNormalization(**kwargs)
         for step in range(2):
             x = _data(shape, step, np.float32, mean=100.0)
