@@ -94,6 +94,10 @@ class BNConfig:
         clipping = self.renorm_clipping
         items = clipping.items() if isinstance(clipping, dict) else clipping
         object.__setattr__(self, "renorm_clipping", tuple(sorted((str(k), v) for k, v in items)))
+        if isinstance(self.epsilon, numbers.Real):
+            # TF converts epsilon to the variance's dtype (or the fused kernel's float32 attribute)
+            # whatever its type: a NumPy float64 epsilon must not make float32 arithmetic float64
+            object.__setattr__(self, "epsilon", float(self.epsilon))
         object.__setattr__(self, "axis", tuple(self.axis))
         object.__setattr__(self, "param_shape", tuple(self.param_shape))
 

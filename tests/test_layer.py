@@ -327,3 +327,22 @@ def test_momentum_and_epsilon_set_after_build_take_effect(xp, asarray):  # type:
     np.testing.assert_allclose(_np(layer.moving_mean), x.mean(0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(_np(y), (x - x.mean(0)) / np.sqrt(x.var(0) + 0.5), rtol=2e-5, atol=2e-5)
     assert not np.allclose(before, x.mean(0))
+
+
+@pytest.mark.parametrize("fused", [False, None])
+def test_numpy_scalar_epsilon_acts_as_the_python_float(xp, asarray, fused):  # type: ignore[no-untyped-def]
+    """TF converts epsilon to the variance's dtype (float32 here) whatever its Python type: a
+    ``np.float64`` or ``np.float32`` epsilon gives the Python float's output bit for bit (checked
+    in TF 2.21: the three outputs are identical there). Plain NumPy arithmetic would instead
+    compute ``variance + np.float64(eps)`` in float64."""
+    x = asarray(_data((16, 1, 1, 5), 13).astype(np.float32))
+    if fused is False:
+        x = xp.reshape(x, (16, 5))
+    outputs = []
+    for eps in (0.37, np.float64(0.37), np.float32(0.37)):
+        layer = arraybn.BatchNormalization(epsilon=eps, momentum=0.9, fused=fused)
+        outputs.append([to_numpy(layer(x, training=True)), to_numpy(layer(x)), *layer.get_weights()])
+        assert layer.epsilon is eps  # get_config reports what was given
+    for other in outputs[1:]:
+        for a, b in zip(outputs[0], other, strict=True):
+            np.testing.assert_array_equal(a, b)
