@@ -208,7 +208,10 @@ def _spread(client: Any, a: np.ndarray) -> Any:
     pieces = []
     for i in range(N_CHUNKS):
         chunk = np.ascontiguousarray(a[i * step : (i + 1) * step])
-        future = client.scatter(chunk, workers=[workers[i % len(workers)]], direct=True)
+        # hash=False: a key of its own. Scattered keys are content hashes by default, so a test that
+        # scatters the same chunk as an earlier one shares its key, and the earlier future's
+        # release can delete the data under the new one ("lost dependencies", seen once in CI)
+        future = client.scatter(chunk, workers=[workers[i % len(workers)]], direct=True, hash=False)
         pieces.append(da.from_delayed(dask.delayed(future), shape=chunk.shape, dtype=chunk.dtype))
     return da.concatenate(pieces, axis=0)
 
