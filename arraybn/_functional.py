@@ -540,8 +540,8 @@ def _fused(
     n = math.prod([x.shape[i] for i in axes])
     bessel = n / max(n - 1, 1)
     if _accelerator.takes_kernels(xf, xp) and (config.fused_avg_updates or not update):
-        keep, mean_factor = _fused_factors(config.momentum, 1.0) if update else (0.0, 0.0)
-        variance_factor = _fused_factors(config.momentum, bessel)[1] if update else 0.0
+        keep, mean_factor = _fused_factors(float(config.momentum), 1.0) if update else (0.0, 0.0)
+        variance_factor = _fused_factors(float(config.momentum), bessel)[1] if update else 0.0
         fast = _accelerator.batch_norm(
             xf,
             *params,
