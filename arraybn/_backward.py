@@ -40,11 +40,12 @@ from ._functional import (
     _div_no_nan,
     _is_half,
     batch_norm,
+    mean_over,
     moments,
     renorm_correction,
     weighted_moments,
 )
-from ._namespace import array_device, array_namespace, dtype_from_name
+from ._namespace import array_device, array_namespace, dtype_from_name, float_errors_ignored
 
 Array = Any
 
@@ -336,8 +337,8 @@ def batch_norm_backward(ctx: BNContext, dy: Array) -> BNGrads:
             b_factor = _const(adj_bias, work, xp, dev)
         if config.renorm:
             if config.virtual_batch_size is not None:
-                new_mean = xp.mean(mean, axis=1, keepdims=True)
-                new_variance = xp.mean(variance, axis=1, keepdims=True)
+                new_mean = mean_over(mean, (1,), xp)
+                new_variance = mean_over(variance, (1,), xp)
             else:
                 new_mean, new_variance = mean, variance
             r, d, _ = renorm_correction(
@@ -429,6 +430,10 @@ def batch_norm_backward(ctx: BNContext, dy: Array) -> BNGrads:
         if training:
             gsum = _sum(gsum, rest_axes, xp)
         dgamma = xp.astype(xp.reshape(gsum, config.param_shape), param_dtype)
+        if config.fused and training and math.prod(original_shape) == 0:
+            # an empty batch: TF's fused gradient kernel returns zeros (the non-fused path's sums
+            # give NaN there, as arraybn's do: 0 * (NaN statistics))
+            dgamma = xp.zeros_like(dgamma)
     if beta is not None:
         bsum = _sum(s1, rest_axes, xp) if s1 is not None else _sum(dy, param_axes, xp)
         dbeta = xp.astype(xp.reshape(bsum, config.param_shape), param_dtype)
@@ -510,7 +515,8 @@ def layer_backward(layer: Any, ctx: BNContext, dy: Array) -> tuple[Array, dict[s
     if ctx.config is not layer._config:
         msg = "This context was not produced by this layer's forward; pass the ctx that layer.forward returned."
         raise ValueError(msg)
-    dx, dgamma, dbeta = batch_norm_backward(ctx, dy)
+    with float_errors_ignored(ctx.xp):  # NaN/inf without a word, as the forward (and TF)
+        dx, dgamma, dbeta = batch_norm_backward(ctx, dy)
     grads: dict[str, Array] = {}
     if bool(layer.trainable):
         if dgamma is not None:

@@ -94,6 +94,13 @@ class BNConfig:
         clipping = self.renorm_clipping
         items = clipping.items() if isinstance(clipping, dict) else clipping
         object.__setattr__(self, "renorm_clipping", tuple(sorted((str(k), v) for k, v in items)))
+        vbs = self.virtual_batch_size
+        if isinstance(vbs, numbers.Integral) and not isinstance(vbs, bool):
+            object.__setattr__(self, "virtual_batch_size", int(vbs))  # a NumPy integer works in TF too
+        if self.epsilon is None and self.fused:
+            # TF passes epsilon=None through to the FusedBatchNormV3 op, which takes its attribute's
+            # default (1e-4); the non-fused path fails on it (the layer raises before any work)
+            object.__setattr__(self, "epsilon", 1e-4)
         if isinstance(self.epsilon, numbers.Real):
             # TF converts epsilon to the variance's dtype (or the fused kernel's float32 attribute)
             # whatever its type: a NumPy float64 epsilon must not make float32 arithmetic float64
@@ -215,8 +222,8 @@ def moments(x: Array, axes: Sequence[int], *, xp: ModuleType) -> tuple[Array, Ar
             return xp.reshape(per_channel[0], kept), xp.reshape(per_channel[1], kept)
     spans = _stat_spans(x, axes, xp)
     if len(spans) <= 1:
-        mean = xp.mean(x, axis=axes, keepdims=True)
-        variance = xp.mean(_accelerator.squared_difference(x, mean, xp), axis=axes, keepdims=True)
+        mean = mean_over(x, axes, xp)
+        variance = mean_over(_accelerator.squared_difference(x, mean, xp), axes, xp)
         return mean, variance
     # Large eager inputs: the same two passes, slice by slice along the first
     # reduced axis so that the second pass reads the slice from cache, and the
@@ -239,6 +246,15 @@ def moments(x: Array, axes: Sequence[int], *, xp: ModuleType) -> tuple[Array, Ar
         m2 = m2 + m2k + delta * delta * (count * nk / total)
         count = total
     return mean, m2 / count
+
+
+def mean_over(x: Array, axes: Sequence[int], xp: ModuleType) -> Array:
+    """``xp.mean(x, axis=axes, keepdims=True)``; over an empty axis NaN without a word, as in TF
+    (NumPy's mean warns "Mean of empty slice": a sum divided by zero, in the caller's errstate)."""
+    axes = tuple(axes)
+    if any(x.shape[a] == 0 for a in axes):
+        return xp.sum(x, axis=axes, keepdims=True) / 0
+    return xp.mean(x, axis=axes, keepdims=True)
 
 
 _STAT_CHUNK_BYTES = 1 << 20  # a slice that stays in a CPU's L2 cache between the two passes
@@ -685,8 +701,8 @@ def _non_fused(
             weights = _mask_weights(mask, xs, config, xp)
             mean, variance = weighted_moments(xs, reduction_axes, weights, xp=xp)
         if vbs is not None:
-            new_mean = xp.mean(mean, axis=1, keepdims=True)
-            new_variance = xp.mean(variance, axis=1, keepdims=True)
+            new_mean = mean_over(mean, (1,), xp)
+            new_variance = mean_over(variance, (1,), xp)
         else:
             new_mean, new_variance = mean, variance
         new_mean = xp.reshape(new_mean, config.param_shape)

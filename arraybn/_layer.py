@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from types import ModuleType
@@ -54,6 +55,22 @@ _BASE_KWARGS = frozenset(
 )
 _name_counts: dict[str, int] = {}
 _logger = logging.getLogger("arraybn")
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class InputSpec:
+    """What ``build`` expects of later inputs (Keras's ``InputSpec``): the rank and the normalized axes' sizes."""
+
+    dtype: Any = None
+    shape: tuple[Any, ...] | None = None
+    ndim: int | None = None
+    max_ndim: int | None = None
+    min_ndim: int | None = None
+    axes: dict[int, int] | None = None
+
+    def __repr__(self) -> str:
+        fields = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self) if getattr(self, f.name)]
+        return f"InputSpec({', '.join(fields)})"
 
 
 def _unique_name(base: str) -> str:
@@ -149,17 +166,22 @@ class BatchNormalization:
         if renorm:
             self.renorm_clipping = check_renorm_clipping(renorm_clipping)
             self.renorm_momentum = renorm_momentum
+        if name is not None and not isinstance(name, str):
+            msg = f"Expected `name` argument to be a string, but got: {name}"
+            raise TypeError(msg)
         self.name = name if name is not None else _unique_name("batch_normalization")
         self.supports_masking = True
         self._batch_input_shape = _batch_input_shape(kwargs)
         self._initial_weights = kwargs.get("weights")
         self.activity_regularizer = _regularizers.get(kwargs.get("activity_regularizer"))
         self._built = False
+        self._fusable = False  # build's resolution of `fused`: whether the fused path can be taken
         self._xp: ModuleType | None = None
         self._device: Any = None
         self._config: BNConfig | None = None
         self._input_ndim: int | None = None
         self._input_axes: dict[int, int] = {}
+        self.input_spec: InputSpec | None = None  # Keras's: set by build
         self._vars: dict[str, Array] = {}
         self._activity_losses: list[Array] = []
 
@@ -178,6 +200,12 @@ class BatchNormalization:
         return self._policy.compute_dtype
 
     @property
+    def variable_dtype(self) -> str:
+        return self._policy.variable_dtype
+
+    stateful = False  # Keras's flag for layers that keep state across batches (RNNs); BN does not
+
+    @property
     def built(self) -> bool:
         return self._built
 
@@ -187,10 +215,15 @@ class BatchNormalization:
 
         Called by the first ``__call__`` with the input's namespace and device;
         call it yourself to set weights before the first call (default: NumPy).
-        Raises before creating anything when the shape does not suit the layer.
+        Called on a built layer, it builds anew for ``input_shape`` with fresh
+        weights (in the same namespace and on the same device unless given), as
+        Keras's ``build`` does; ``layer.axis`` is then the normalized one of the
+        first build. Raises before changing anything when the shape does not suit
+        the layer.
         """
         if self._built:
-            return
+            xp = self._xp if xp is None else xp
+            device = self._device if device is None else device
         xp = numpy_namespace() if xp is None else xp
         if not self._policy.is_floating:
             msg = (
@@ -198,8 +231,15 @@ class BatchNormalization:
                 f"dtype={self._policy.name!r}. Use 'float32', 'float64', 'mixed_float16', ..."
             )
             raise ValueError(msg)
-        shape = tuple(int(s) for s in input_shape)
+        shape = tuple(None if s is None else int(s) for s in input_shape)  # None: unknown (a Keras Input)
         axes = validate_axis(self.axis, shape)
+        undefined = [a for a in axes if shape[a] is None]
+        if undefined:
+            msg = (
+                f"Input has undefined `axis` dimension. Received input with shape {shape} "
+                f"and axis={tuple(axes)}"
+            )
+            raise ValueError(msg)
         rank = len(shape)
         check_virtual_batch(self.virtual_batch_size, axes, self.adjustment)
         fused = resolve_fused(
@@ -240,10 +280,12 @@ class BatchNormalization:
         device = array_device(new_vars["moving_mean"])
         self._xp, self._device, self._config = xp, device, config
         self._vars = new_vars
-        self.fused = fused
+        self.fused = self._fusable = fused
         self.axis = [a + 1 for a in axes] if self.virtual_batch_size is not None else axes
         self._input_ndim = rank
         self._input_axes = {a: shape[a] for a in axes}
+        self.input_spec = InputSpec(ndim=rank, axes=dict(self._input_axes))
+        self._initial_weights = None  # Keras sets the constructor's `weights` once, at the first build
         self._built = True
 
     def _create_weights(self, pshape: tuple[int, ...], param_dtype: Any, xp: ModuleType, device: Any) -> dict[str, Array]:
@@ -266,6 +308,9 @@ class BatchNormalization:
     # -------------------------------------------------------------------- call
     def __call__(self, inputs: Array, training: Any = None, mask: Array | None = None) -> Array:
         """Normalize ``inputs``; ``training=None`` means inference (the v1 learning phase 0)."""
+        if mask is not None and not is_array(mask):  # a list or a scalar, as TF converts it
+            xp = array_namespace(inputs)
+            mask = xp.asarray(mask, device=array_device(inputs))
         xp = array_namespace(inputs) if mask is None else array_namespace(inputs, mask)
         if mask is not None and array_device(mask) != array_device(inputs):
             msg = (
@@ -279,8 +324,11 @@ class BatchNormalization:
             self._check_input(inputs, xp)
         assert self._config is not None
         training = _training_value(training)
-        _check_call_numbers(self.momentum, self.epsilon)
+        if not self._config.axis:
+            msg = "list index out of range (axis=[]: no axis to normalize; TensorFlow raises IndexError here)"
+            raise IndexError(msg)
         config = self._current_config(self._config)
+        _check_call_numbers(self.momentum, self.epsilon, training=training, fused=config.fused)
         if config.fused and mask is not None:
             warnings.warn(
                 "Masking is not supported with `fused=True`. You should either turn off fusing "
@@ -308,6 +356,7 @@ class BatchNormalization:
                 xp=xp,
             )
         self._vars = {**v, **{k: a for k, a in new_state._asdict().items() if a is not None}}
+        self._config = config  # the numbers read by this call (a later backward uses them)
         self._activity_losses = []
         if self.activity_regularizer is not None:
             # Keras: the penalty of the output divided by the batch size
@@ -318,12 +367,35 @@ class BatchNormalization:
     def compute_output_shape(self, input_shape: Sequence[Any]) -> tuple[Any, ...]:
         return tuple(input_shape)
 
+    def compute_mask(self, inputs: Array, mask: Array | None = None) -> Array | None:
+        """The output's mask: the input's, passed through (Keras, ``supports_masking``)."""
+        return mask
+
+    @property
+    def updates(self) -> list[Any]:
+        """Always ``[]``: a call updates the moving statistics itself (TF 2 eager gives ``[]`` too)."""
+        warnings.warn(
+            "`layer.updates` will be removed in a future version. This property should not be used in "
+            "TensorFlow 2.0, as `updates` are applied automatically.",
+            UserWarning,
+            stacklevel=2,
+        )
+        return []
+
     def _current_config(self, config: BNConfig) -> BNConfig:
         """The build-time config with the numbers TF reads on every call (set after build, say)."""
+        if self.fused and not self._fusable:
+            # TF reads self.fused on every call; its fused path then needs what build sets only for it
+            msg = (
+                f"'BatchNormalization' object has no attribute '_data_format': layer {self.name!r} was "
+                "built for the non-fused path, so `fused` cannot be turned on after build."
+            )
+            raise AttributeError(msg)
         numbers = {
             "momentum": self.momentum,
             "epsilon": self.epsilon,
             "fused_avg_updates": isinstance(self.momentum, (float, int)),
+            "fused": self._fusable and bool(self.fused),  # turned off after build: the non-fused path
         }
         if self.renorm:
             numbers.update(renorm_momentum=self.renorm_momentum, renorm_clipping=self.renorm_clipping)
@@ -401,12 +473,27 @@ class BatchNormalization:
             return self.weights
         return [a for k, a in self._vars.items() if k not in ("gamma", "beta")]
 
+    trainable_variables = trainable_weights
+    non_trainable_variables = non_trainable_weights
+
+    def count_params(self) -> int:
+        """The number of scalars in `weights` (Keras's ``count_params``); the layer must be built."""
+        if not self._built:
+            msg = (
+                f"You tried to call `count_params` on layer {self.name}, but the layer isn't built. "
+                f"You can build it manually via: `{self.name}.build(batch_input_shape)`."
+            )
+            raise ValueError(msg)
+        return sum(math.prod(w.shape) for w in self._vars.values())
+
     def get_weights(self) -> list[Any]:
         """NumPy copies of `weights` (host copies for device arrays), in TF's order."""
         return [to_numpy(w) for w in self._vars.values()]
 
     def set_weights(self, weights: Sequence[Any]) -> None:
         """Replace the weights (TF's order and shapes); all or nothing."""
+        if not self._built and len(weights) == 0:
+            return  # an unbuilt layer has no weights: an empty list sets them all, as in Keras
         if not self._built:
             msg = (
                 f'You called `set_weights(weights)` on layer "{self.name}" with a weight list of length '
@@ -429,12 +516,7 @@ class BatchNormalization:
             raise ValueError(msg)
         out = {}
         for (name, ref), w in zip(current.items(), weights, strict=True):
-            shape = tuple(getattr(w, "shape", ()))
-            if not hasattr(w, "shape"):
-                import numpy as np
-
-                w = np.asarray(w)
-                shape = w.shape
+            shape = tuple(getattr(w, "shape", ()))  # as Keras: a list or a number has shape ()
             if shape != tuple(ref.shape):
                 msg = (
                     f"Layer {self.name} weight shape {tuple(ref.shape)} is not compatible with provided "
@@ -521,24 +603,31 @@ class BatchNormalization:
         return f"<arraybn.BatchNormalization name={self.name!r} axis={self.axis} {state}>"
 
 
-def _batch_input_shape(kwargs: dict[str, Any]) -> list[Any] | None:
+def _batch_input_shape(kwargs: dict[str, Any]) -> tuple[Any, ...] | None:
+    """Keras's ``_batch_input_shape``: a tuple, from whichever shape argument was given."""
     if "batch_input_shape" in kwargs:
-        return list(kwargs["batch_input_shape"])
+        return tuple(kwargs["batch_input_shape"])
     if "input_shape" in kwargs:
-        return [kwargs.get("batch_size"), *kwargs["input_shape"]]
+        return (kwargs.get("batch_size"), *kwargs["input_shape"])
     if "input_dim" in kwargs:
-        return [kwargs.get("batch_size"), kwargs["input_dim"]]
+        return (kwargs.get("batch_size"), kwargs["input_dim"])
     return None
 
 
-def _check_call_numbers(momentum: Any, epsilon: Any) -> None:
-    """TF accepts any momentum/epsilon at construction and fails when it first uses them."""
-    if not _is_real(epsilon):
+def _check_call_numbers(momentum: Any, epsilon: Any, *, training: bool, fused: bool) -> None:
+    """TF accepts any momentum/epsilon at construction and fails where it first uses them.
+
+    ``epsilon=None`` is the fused kernel's attribute default (1e-4, see `BNConfig`) on the fused
+    path and an error elsewhere; momentum is read in training only, and on the fused path a
+    ``None`` fails to convert to a tensor (ValueError) where elsewhere ``1.0 - None`` fails
+    (TypeError). Booleans are numbers there (``True`` is 1).
+    """
+    if not _is_real(epsilon) and not (epsilon is None and fused):
         msg = f"epsilon must be a real number; received epsilon={epsilon!r}."
         raise ValueError(msg)
-    if not _is_real(momentum):
+    if training and not _is_real(momentum):
         msg = f"momentum must be a real number; received momentum={momentum!r}."
-        raise TypeError(msg)
+        raise ValueError(msg) if momentum is None and fused else TypeError(msg)
 
 
 def _is_real(value: Any) -> bool:
@@ -546,13 +635,27 @@ def _is_real(value: Any) -> bool:
         float(value)
     except (TypeError, ValueError):
         return False
-    return not isinstance(value, (str, bytes, bool))
+    return not isinstance(value, (str, bytes))
 
 
 def _training_value(training: Any) -> bool:
-    """v1 semantics: ``None`` is the learning phase, 0 (inference) outside ``fit``."""
+    """v1 semantics: ``None`` is the learning phase, 0 (inference) outside ``fit``.
+
+    Otherwise TF's ``smart_cond`` rule: a bool, or a value equal to 1 or 0 (``np.bool_``,
+    ``1.0``, ...); anything else, unhashable arrays included, is a TypeError.
+    """
     if training is None:
         return False
+    if isinstance(training, bool):
+        return training
+    try:
+        valid = training in {0, 1}
+    except TypeError as err:
+        msg = f"`pred` must be a Tensor, or a Python bool, or 1 or 0. Received: {type(training)} ({err})"
+        raise TypeError(msg) from err
+    if not valid:
+        msg = f"`pred` must be a Tensor, or a Python bool, or 1 or 0. Received: {type(training)}"
+        raise TypeError(msg)
     return bool(training)
 
 
@@ -566,6 +669,8 @@ def _to_namespace(w: Any, xp: ModuleType, dtype: Any, device: Any) -> Array:
 
 
 def _initialize(init: Any, shape: tuple[int, ...], dtype: Any, xp: ModuleType, device: Any) -> Array:
+    if init is None:  # Keras's add_weight default for floating weights
+        init = _initializers.GlorotUniform()
     if isinstance(init, _initializers.Initializer):
         return init(shape, dtype, xp=xp, device=device)
     value = init(shape, dtype=dtype)  # a user callable (shape, dtype) -> array-like

@@ -53,8 +53,14 @@ class Registry:
     def deserialize(self, config: Any) -> Any:
         if isinstance(config, str):
             name, kwargs = config, {}
-        elif isinstance(config, dict) and "class_name" in config:
-            name, kwargs = config["class_name"], config.get("config") or {}
+        elif isinstance(config, dict):
+            if "class_name" not in config or "config" not in config:
+                msg = (
+                    f"Improper config format for {config}. Expecting python dict contains `class_name` "
+                    "and `config` as keys"
+                )
+                raise ValueError(msg)
+            name, kwargs = config["class_name"], config["config"] or {}
         else:
             msg = f"Could not interpret {self.kind} identifier: {config!r}"
             raise ValueError(msg)

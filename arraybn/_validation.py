@@ -22,10 +22,11 @@ __all__ = [
 RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
 
 
-def check_axis_argument(axis: Any) -> int | list[int]:
-    """The constructor's ``axis``: an int, or a list/tuple of ints (kept as a list copy)."""
+def check_axis_argument(axis: Any) -> int | list[int] | tuple[int, ...]:
+    """The constructor's ``axis``: an int, or a list/tuple of ints (a copy of the same type, as
+    tf-keras's ``axis[:]``; ``build`` turns it into a list)."""
     if isinstance(axis, (list, tuple)):
-        return list(axis)
+        return axis[:]
     if isinstance(axis, int):
         return axis
     msg = f"Expected an int or a list/tuple of ints for the argument 'axis', but received: {axis!r}"
@@ -34,15 +35,15 @@ def check_axis_argument(axis: Any) -> int | list[int]:
 
 def check_renorm_clipping(renorm_clipping: Any) -> dict[str, Any]:
     """TF accepts only the keys rmax, rmin, dmax (missing ones mean inf, 0, inf)."""
-    clipping = dict(renorm_clipping or {})
-    unknown = set(clipping) - set(RENORM_CLIPPING_KEYS)
+    clipping = renorm_clipping or {}
+    unknown = set(clipping) - set(RENORM_CLIPPING_KEYS)  # TF's check: what iterating it gives
     if unknown:
         msg = (
             f"Received invalid keys for `renorm_clipping` argument: {renorm_clipping}. "
             f"Supported values: {list(RENORM_CLIPPING_KEYS)}."
         )
         raise ValueError(msg)
-    return clipping
+    return dict(clipping)
 
 
 def validate_axis(axis: int | Sequence[int], shape: Sequence[int]) -> list[int]:
