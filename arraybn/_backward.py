@@ -513,7 +513,10 @@ def layer_backward(layer: Any, ctx: BNContext, dy: Array) -> tuple[Array, dict[s
     gradients yourself.
     """
     if ctx.config is not layer._config:
-        msg = "This context was not produced by this layer's forward; pass the ctx that layer.forward returned."
+        msg = (
+            "This context was not produced by this layer's forward (or the layer's momentum, epsilon or "
+            "fused changed since); pass the ctx that layer.forward returned."
+        )
         raise ValueError(msg)
     with float_errors_ignored(ctx.xp):  # NaN/inf without a word, as the forward (and TF)
         dx, dgamma, dbeta = batch_norm_backward(ctx, dy)
