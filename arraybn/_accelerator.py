@@ -48,8 +48,10 @@ compiled namespaces (dask, JAX, ``torch.compile``) plan their own passes.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import threading
 from collections import OrderedDict
 from pathlib import Path
 from types import ModuleType
@@ -95,22 +97,38 @@ def uses_matmul_sums(x: Array, channel: int, xp: ModuleType) -> bool:
 
 
 _ONES: OrderedDict[tuple[Any, ...], Array] = OrderedDict()
+_ONES_LOCK = threading.Lock()
 
 
 def _ones(n: int, x: Array, xp: ModuleType) -> Array:
-    """A vector of ``n`` ones in ``x``'s dtype on its device; CuPy's are kept (a fill kernel saved per call)."""
-    dev = array_device(x)
+    """A vector of ``n`` ones in ``x``'s dtype on its device; CuPy's are kept (a fill kernel saved per call).
+
+    Kept per device and per stream: a vector filled on one stream is only read on that stream
+    (no ordering is needed against its fill kernel, nor against the pool's reuse of its memory).
+    """
     if not is_cupy_array(x):
-        return xp.ones((n,), dtype=x.dtype, device=dev)
-    key = (n, str(x.dtype), dev.id)
-    ones = _ONES.get(key)
-    if ones is None:
-        ones = _ONES[key] = xp.ones((n,), dtype=x.dtype, device=dev)
-        if len(_ONES) > _ONES_KEPT:
-            _ONES.popitem(last=False)
-    else:
-        _ONES.move_to_end(key)
-    return ones
+        return xp.ones((n,), dtype=x.dtype, device=array_device(x))
+    import cupy
+
+    with x.device:  # CuPy allocates and fills on the current device, whatever device= says
+        key = (n, str(x.dtype), x.device.id, cupy.cuda.get_current_stream().ptr)
+        with _ONES_LOCK:
+            ones = _ONES.get(key)
+            if ones is not None:
+                _ONES.move_to_end(key)
+                return ones
+        ones = cupy.ones(n, dtype=x.dtype)
+        with _ONES_LOCK:
+            _ONES[key] = ones
+            while len(_ONES) > _ONES_KEPT:
+                _ONES.popitem(last=False)
+        return ones
+
+
+def _device_of(x: Array) -> Any:
+    """CuPy's device of ``x`` as a context: CuPy allocates and launches raw kernels on the *current*
+    device, not on the arrays'. A no-op context for other arrays."""
+    return x.device if is_cupy_array(x) else contextlib.nullcontext()
 
 
 def channel_sums(x: Array, channel: int, xp: ModuleType, ones: Array | None = None) -> Array:
@@ -136,7 +154,9 @@ def channel_raw_moments(x: Array, channel: int, xp: ModuleType) -> tuple[Array, 
 def channel_moments(x: Array, channel: int, xp: ModuleType) -> tuple[Array, Array]:
     """Mean and biased variance per channel (shape ``(C,)``): two passes, as ``tf.nn.moments``."""
     sums, squares, n = channel_raw_moments(x, channel, xp)
-    return sums / n, squares / n
+    # n as a Python float: a weak scalar everywhere (CuPy 13 promotes float32 / int to float64
+    # for n >= 65536); the same float32(n) the kernels are given
+    return sums / float(n), squares / float(n)
 
 
 # ---------------------------------------------------------------------------
@@ -230,49 +250,53 @@ def batch_norm(
     import cupy
     import numpy as np
 
-    # CuPy's own array methods from here on: the compat namespace's wrappers cost host time
-    kept = tuple(1 if i in axes else n for i, n in enumerate(x.shape))
-    p = math.prod(kept)
-    if not training:
-        sums, squares, count = moving_mean, moving_variance, 1
-    elif x.ndim - 1 not in axes and p == x.shape[-1] and uses_matmul_sums(x, x.ndim - 1, xp):  # channels last
-        sums, squares, count = channel_raw_moments(x, x.ndim - 1, xp)
-    else:  # CuPy's own reduction: the statistics come divided
-        sums = xp.mean(x, axis=axes, keepdims=True)
-        squares = xp.mean(squared_difference(x, sums, xp), axis=axes, keepdims=True)
-        count = 1
-    scale, shift = cupy.empty(p, dtype), cupy.empty(p, dtype)
-    if update:
-        new_mean, new_variance = cupy.empty(p, dtype), cupy.empty(p, dtype)
-    else:  # not written by the kernel
-        new_mean, new_variance, factors = scale, shift, (0.0,) * len(factors)
-    # contiguous (p,) views (copies where a weight is strided); an absent weight is not read
-    vectors = [scale if a is None else cupy.ascontiguousarray(a.reshape(p)) for a in (sums, squares, gamma, beta)]
-    moving = [cupy.ascontiguousarray(a.reshape(p)) for a in (moving_mean, moving_variance)]
-    flags = (
-        (_HAS_GAMMA if gamma is not None else 0) | (_HAS_BETA if beta is not None else 0) | (_UPDATE if update else 0)
-    )
-    dt = dtype.type
-    args = (
-        np.int64(p),
-        np.int32(flags),
-        vectors[0],
-        vectors[1],
-        dt(count),
-        vectors[2],
-        vectors[3],
-        *moving,
-        dt(epsilon),
-        *[dt(f) for f in factors],
-        scale,
-        shift,
-        new_mean,
-        new_variance,
-    )
-    rule = "arraybn_fused_coefficients_" if fused else "arraybn_coefficients_"
-    blocks = min(-(-p // _THREADS), 1 << 16)  # a grid-stride loop covers the rest
-    _kernel(rule + ("f32" if dtype == xp.float32 else "f64"))((blocks,), (_THREADS,), args)
-    y = _kernel("multiply_add")(x, scale.reshape(kept), shift.reshape(kept))
-    if not update:
-        return y, None
-    return y, (new_mean.reshape(moving_mean.shape), new_variance.reshape(moving_variance.shape))
+    with _device_of(x):  # allocations and the raw launch go to the current device: make it x's
+        # CuPy's own array methods from here on: the compat namespace's wrappers cost host time
+        kept = tuple(1 if i in axes else n for i, n in enumerate(x.shape))
+        p = math.prod(kept)
+        if not training:
+            sums, squares, count = moving_mean, moving_variance, 1
+        elif len(axes) == x.ndim - 1 and x.ndim - 1 not in axes and uses_matmul_sums(x, x.ndim - 1, xp):
+            # one channel axis, the last: the matmul sums, where moments() takes them too
+            sums, squares, count = channel_raw_moments(x, x.ndim - 1, xp)
+        else:  # CuPy's own reduction: the statistics come divided
+            sums = xp.mean(x, axis=axes, keepdims=True)
+            squares = xp.mean(squared_difference(x, sums, xp), axis=axes, keepdims=True)
+            count = 1
+        scale, shift = cupy.empty(p, dtype), cupy.empty(p, dtype)
+        if update:
+            new_mean, new_variance = cupy.empty(p, dtype), cupy.empty(p, dtype)
+        else:  # not written by the kernel
+            new_mean, new_variance, factors = scale, shift, (0.0,) * len(factors)
+        # contiguous (p,) views (copies where a weight is strided); an absent weight is not read
+        vectors = [scale if a is None else cupy.ascontiguousarray(a.reshape(p)) for a in (sums, squares, gamma, beta)]
+        moving = [cupy.ascontiguousarray(a.reshape(p)) for a in (moving_mean, moving_variance)]
+        flags = (
+            (_HAS_GAMMA if gamma is not None else 0)
+            | (_HAS_BETA if beta is not None else 0)
+            | (_UPDATE if update else 0)
+        )
+        dt = dtype.type
+        args = (
+            np.int64(p),
+            np.int32(flags),
+            vectors[0],
+            vectors[1],
+            dt(count),
+            vectors[2],
+            vectors[3],
+            *moving,
+            dt(epsilon),
+            *[dt(f) for f in factors],
+            scale,
+            shift,
+            new_mean,
+            new_variance,
+        )
+        rule = "arraybn_fused_coefficients_" if fused else "arraybn_coefficients_"
+        blocks = min(-(-p // _THREADS), 1 << 16)  # a grid-stride loop covers the rest
+        _kernel(rule + ("f32" if dtype == xp.float32 else "f64"))((blocks,), (_THREADS,), args)
+        y = _kernel("multiply_add")(x, scale.reshape(kept), shift.reshape(kept))
+        if not update:
+            return y, None
+        return y, (new_mean.reshape(moving_mean.shape), new_variance.reshape(moving_variance.shape))

@@ -376,7 +376,8 @@ def batch_norm_backward(ctx: BNContext, dy: Array) -> BNGrads:
         # mean (the mean of the centered values), removed from the centering
         # and from the variance, so the gradient keeps its accuracy when
         # |mean| >> std (``mean((x - m)^2) = var + delta^2`` exactly).
-        n = math.prod([x.shape[i] for i in stat_axes])
+        # a Python float: a weak scalar everywhere (CuPy 13 makes float32 / int >= 65536 float64)
+        n = float(math.prod([x.shape[i] for i in stat_axes]))
         if w is None:
             count = None
             delta = (_sum(xc, stat_axes, xp) if sum_xc is None else sum_xc) / n

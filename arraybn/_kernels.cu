@@ -31,7 +31,7 @@
 // arraybn's tests run the kernels there, one thread doing every element, and
 // compare them bit for bit with the Array API code on NumPy.
 
-#ifndef __CUDACC__
+#if !defined(__CUDACC__) && !defined(__HIPCC__) && !defined(__HIPCC_RTC__)
 #include <cmath>
 #define __device__
 #define __global__
