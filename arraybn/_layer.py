@@ -57,7 +57,7 @@ _name_counts: dict[str, int] = {}
 _logger = logging.getLogger("arraybn")
 
 
-@dataclasses.dataclass(frozen=True, repr=False)
+@dataclasses.dataclass(frozen=True, repr=False, eq=False)  # compared and hashed by identity, as Keras's
 class InputSpec:
     """What ``build`` expects of later inputs (Keras's ``InputSpec``): the rank and the normalized axes' sizes."""
 
@@ -309,8 +309,7 @@ class BatchNormalization:
     def __call__(self, inputs: Array, training: Any = None, mask: Array | None = None) -> Array:
         """Normalize ``inputs``; ``training=None`` means inference (the v1 learning phase 0)."""
         if mask is not None and not is_array(mask):  # a list or a scalar, as TF converts it
-            xp = array_namespace(inputs)
-            mask = xp.asarray(mask, device=array_device(inputs))
+            mask = array_namespace(inputs).asarray(mask, device=array_device(inputs))
         xp = array_namespace(inputs) if mask is None else array_namespace(inputs, mask)
         if mask is not None and array_device(mask) != array_device(inputs):
             msg = (
@@ -650,9 +649,8 @@ def _training_value(training: Any) -> bool:
         return training
     try:
         valid = training in {0, 1}
-    except TypeError as err:
-        msg = f"`pred` must be a Tensor, or a Python bool, or 1 or 0. Received: {type(training)} ({err})"
-        raise TypeError(msg) from err
+    except TypeError:  # unhashable (an array)
+        valid = False
     if not valid:
         msg = f"`pred` must be a Tensor, or a Python bool, or 1 or 0. Received: {type(training)}"
         raise TypeError(msg)

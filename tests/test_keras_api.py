@@ -161,7 +161,7 @@ def test_training_must_be_a_bool_or_0_or_1(training):  # type: ignore[no-untyped
     layer = arraybn.BatchNormalization()
     layer(X2, training=True)
     before = _weights(layer)
-    with pytest.raises(TypeError, match=r"`pred` must be a Tensor, or a Python bool, or 1 or 0|unhashable"):
+    with pytest.raises(TypeError, match=r"`pred` must be a Tensor, or a Python bool, or 1 or 0"):
         layer(X2, training=training)
     for w, b in zip(_weights(layer), before, strict=True):
         np.testing.assert_array_equal(w, b)
