@@ -556,8 +556,9 @@ def _fused(
     n = math.prod([x.shape[i] for i in axes])
     bessel = n / max(n - 1, 1)
     if _accelerator.takes_kernels(xf, xp) and (config.fused_avg_updates or not update):
-        keep, mean_factor = _fused_factors(float(config.momentum), 1.0) if update else (0.0, 0.0)
-        variance_factor = _fused_factors(float(config.momentum), bessel)[1] if update else 0.0
+        momentum = float(config.momentum) if update else 0.0
+        keep, mean_factor = _fused_factors(momentum, 1.0) if update else (0.0, 0.0)
+        variance_factor = _fused_factors(momentum, bessel)[1] if update else 0.0
         fast = _accelerator.batch_norm(
             xf,
             *params,
@@ -676,7 +677,7 @@ def _non_fused(
                 fused=False,
                 training=training,
                 update=update,
-                epsilon=float32_value(config.epsilon) if x.dtype == xp.float32 else float(config.epsilon),
+                epsilon=float32_value(config.epsilon) if x.dtype == xp.float32 else config.epsilon,  # a float
                 factors=(decay,),
                 xp=xp,
             )

@@ -304,7 +304,7 @@ def test_statistics_given_as_sums_are_divided_in_the_kernel(numpy_as_cupy, host_
 
     # the division itself: per-channel outputs from (sum, squares, n) are those from (sum/n, squares/n, 1)
     rng = np.random.default_rng(7)
-    p, n = 33, 100003  # n not a power of two, above float32's 2**24 / 2**8: float32(n) is n here
+    p, n = 33, 100003  # not a power of two (the divisions round), below 2**24 (float32(n) is n)
     sums = (rng.standard_normal(p) * n).astype(np.float32)
     squares = (rng.uniform(0.1, 4.0, p) * n).astype(np.float32)
     args = [rng.standard_normal(p).astype(np.float32) for _ in range(3)] + [rng.uniform(0.5, 2, p).astype(np.float32)]
