@@ -38,8 +38,9 @@ Here, for CuPy arrays:
   channels-last training call is five launches (sum, squared difference, sum,
   per-channel kernel, multiply-add), an inference call two.
 
-Eager CuPy arrays of float32/float64 take the kernels at any size; the matmul
-sums need at least 1 MiB and ``matmul`` in full float32 (``CUPY_TF32`` unset).
+Eager CuPy arrays of float32/float64 take the kernels at any size
+(``ARRAYBN_CUDA_KERNELS=0`` turns them off: CuPy then runs the Array API code, which gives the
+same bits, with more launches); the matmul sums need at least 1 MiB and ``matmul`` in full float32 (``CUPY_TF32`` unset).
 torch CUDA keeps the plain expressions: its own reduction and elementwise
 kernels measured faster than these schedules (docs/performance.md). CPU
 namespaces run the plain expressions or :mod:`arraybn._streaming`; lazy and
@@ -79,8 +80,14 @@ def _float_itemsize(x: Array, xp: ModuleType) -> int | None:
 
 
 def takes_kernels(x: Array, xp: ModuleType) -> bool:
-    """True for eager, non-empty CuPy float32/float64 arrays (from types and shapes only)."""
-    return is_cupy_array(x) and _float_itemsize(x, xp) is not None and math.prod(x.shape) > 0
+    """True for eager, non-empty CuPy float32/float64 arrays (from types and shapes only), unless
+    ``ARRAYBN_CUDA_KERNELS=0`` (read on every call) sends CuPy to the Array API code."""
+    return (
+        is_cupy_array(x)
+        and _float_itemsize(x, xp) is not None
+        and math.prod(x.shape) > 0
+        and os.environ.get("ARRAYBN_CUDA_KERNELS", "1") != "0"
+    )
 
 
 def uses_matmul_sums(x: Array, channel: int, xp: ModuleType) -> bool:

@@ -308,6 +308,9 @@ class BatchNormalization:
     # -------------------------------------------------------------------- call
     def __call__(self, inputs: Array, training: Any = None, mask: Array | None = None) -> Array:
         """Normalize ``inputs``; ``training=None`` means inference (the v1 learning phase 0)."""
+        if isinstance(inputs, (bool, int, float)):  # a Python number: rank 0, TF's ValueError
+            msg = "Input has undefined rank. Received: input_shape=()"
+            raise ValueError(msg)
         if mask is not None and not is_array(mask):  # a list or a scalar, as TF converts it
             mask = array_namespace(inputs).asarray(mask, device=array_device(inputs))
         xp = array_namespace(inputs) if mask is None else array_namespace(inputs, mask)

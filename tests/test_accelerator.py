@@ -108,6 +108,22 @@ def test_cupy_takes_the_schedule_where_it_pays(xp, asarray, monkeypatch) -> None
     assert not _accelerator.takes_kernels(asarray(np.zeros((0, 16), np.float32)), xp)  # empty
     monkeypatch.setenv("CUPY_TF32", "1")  # matmul in TF32 would round the summands to 10 bits
     assert not _accelerator.uses_matmul_sums(nhwc, 3, xp)
+    monkeypatch.setenv("ARRAYBN_CUDA_KERNELS", "0")  # the user's switch: the Array API code
+    assert not _accelerator.takes_kernels(nhwc, xp)
+    assert _accelerator.multiply_add(nhwc, nhwc, nhwc, xp) is None
+
+
+def test_the_kernel_switch_is_read_on_every_call(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """``ARRAYBN_CUDA_KERNELS=0`` keeps every array off the CuPy kernels (checked with NumPy
+    arrays taken for CuPy ones: the decision reads types, shapes and the switch only)."""
+    monkeypatch.setattr(_accelerator, "is_cupy_array", lambda x: isinstance(x, np.ndarray))
+    x = np.ones((4, 3), np.float32)
+    assert _accelerator.takes_kernels(x, np)
+    monkeypatch.setenv("ARRAYBN_CUDA_KERNELS", "0")
+    assert not _accelerator.takes_kernels(x, np)
+    assert _accelerator.multiply_add(x, x, x, np) is None
+    monkeypatch.setenv("ARRAYBN_CUDA_KERNELS", "1")
+    assert _accelerator.takes_kernels(x, np)
 
 
 @pytest.mark.parametrize("backend", [Backend.CUPY], ids=["cupy"])

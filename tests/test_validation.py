@@ -47,6 +47,15 @@ def test_build_errors(xp, asarray, kwargs, shape, match):  # type: ignore[no-unt
     assert not layer.built and layer.weights == []
 
 
+@pytest.mark.parametrize("x", [3.0, 2, True])
+def test_a_python_number_has_undefined_rank(x):  # type: ignore[no-untyped-def]
+    """TF converts the number to a rank-0 tensor and raises its ValueError in build."""
+    layer = arraybn.BatchNormalization()
+    with pytest.raises(ValueError, match=r"Input has undefined rank. Received: input_shape=\(\)"):
+        layer(x, training=True)
+    assert not layer.built
+
+
 def _snapshot(layer):  # type: ignore[no-untyped-def]
     return [to_numpy(w) for w in layer.weights]
 
