@@ -43,6 +43,7 @@ from ._functional import (
     mean_over,
     moments,
     renorm_correction,
+    require_known_sizes,
     weighted_moments,
 )
 from ._namespace import array_device, array_namespace, dtype_from_name, float_errors_ignored
@@ -265,6 +266,9 @@ def batch_norm_backward(ctx: BNContext, dy: Array) -> BNGrads:
     in_dtype = x_in.dtype
     compute_dtype = dtype_from_name(xp, config.compute_dtype)
     param_dtype = dtype_from_name(xp, config.param_dtype)
+    array_namespace(x_in, dy)  # a TypeError naming both libraries where dy comes from another one
+    if ctx.training:
+        require_known_sizes(x_in.shape, "The backward of a training call (its counts per statistic)")
     if tuple(dy.shape) != tuple(x_in.shape):
         msg = f"dy has shape {tuple(dy.shape)} but the forward's input had shape {tuple(x_in.shape)}; they must match."
         raise ValueError(msg)

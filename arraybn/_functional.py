@@ -28,6 +28,7 @@ from ._namespace import (
     array_device,
     array_namespace,
     dtype_from_name,
+    is_compiling,
     optional_dtype,
     prefers_blocked_reductions,
     stop_gradient,
@@ -160,9 +161,15 @@ def _decay(momentum: float, dtype: Any, xp: ModuleType, device: Any) -> Any:
 
     The subtraction happens in Python (float64), the result is rounded to
     float32 by ``convert_to_tensor`` and only then cast to the variable's
-    dtype, so a float64 variable sees ``float64(float32(1 - momentum))``.
+    dtype, so a float64 variable sees ``float64(float32(1 - momentum))``. A NumPy
+    float64 ``momentum`` (``1.0 - momentum`` is one too) converts to a float64
+    tensor instead: a float64 variable then decays by ``1 - momentum`` unrounded,
+    a float32 one by its float32 rounding (the cast), as for a Python float.
     """
-    return _f32_const(1.0 - momentum, dtype, xp, device)
+    value = 1.0 - momentum
+    if dtype == xp.float64 and str(getattr(value, "dtype", "")) == "float64":
+        return float(value)
+    return _f32_const(value, dtype, xp, device)
 
 
 def _updated(state: BNState, **changes: Array) -> BNState:
@@ -175,6 +182,17 @@ def _updated(state: BNState, **changes: Array) -> BNState:
         changes.get("renorm_mean", state.renorm_mean),
         changes.get("renorm_stddev", state.renorm_stddev),
     )
+
+
+def require_known_sizes(shape: Sequence[Any], what: str) -> None:
+    """A clear ``ValueError`` where ``what`` needs sizes that ``shape`` does not know (dask gives NaN
+    after boolean indexing, ``None`` is unknown too)."""
+    if any(s is None or (isinstance(s, float) and math.isnan(s)) for s in shape):
+        msg = (
+            f"{what} needs the input's sizes, but its shape {tuple(shape)} has unknown ones (as dask "
+            "gives after boolean indexing). Compute them first (dask: `x.compute_chunk_sizes()`)."
+        )
+        raise ValueError(msg)
 
 
 def _cast(a: Array, dtype: Any, xp: ModuleType) -> Array:
@@ -204,11 +222,12 @@ def moments(x: Array, axes: Sequence[int], *, xp: ModuleType) -> tuple[Array, Ar
 
     Mirrors ``tf.nn.moments``: ``mean = reduce_mean(x)``, ``variance =
     reduce_mean(squared_difference(x, mean))``. Reducing over no axis gives
-    the input itself and a zero variance, as in TF.
+    the input itself and ``(x - x) ** 2`` as the variance (zero, or NaN for
+    infinite and NaN values), as in TF.
     """
     axes = tuple(axes)
-    if not axes:
-        return x, xp.zeros_like(x)
+    if not axes:  # TF: reduce_mean over no axis is x, the variance (x - x) ** 2 (NaN for inf and NaN)
+        return x, _accelerator.squared_difference(x, x, xp)
     kept_axes = set(range(x.ndim)) - {a % x.ndim for a in axes}
     if len(kept_axes) == 1:
         (channel,) = kept_axes
@@ -252,8 +271,8 @@ def mean_over(x: Array, axes: Sequence[int], xp: ModuleType) -> Array:
     """``xp.mean(x, axis=axes, keepdims=True)``; over an empty axis NaN without a word, as in TF
     (NumPy's mean warns "Mean of empty slice": a sum divided by zero, in the caller's errstate)."""
     axes = tuple(axes)
-    if any(x.shape[a] == 0 for a in axes):
-        return xp.sum(x, axis=axes, keepdims=True) / 0
+    if any(x.shape[a] == 0 for a in axes):  # NaN from a multiplication: no warning, even when a lazy
+        return xp.sum(x, axis=axes, keepdims=True) * float("nan")  # library computes outside our errstate
     return xp.mean(x, axis=axes, keepdims=True)
 
 
@@ -276,9 +295,7 @@ def _stat_spans(x: Array, axes: tuple[int, ...], xp: ModuleType) -> list[tuple[i
     return [(i, min(i + rows, n)) for i in range(0, n, rows)]
 
 
-def weighted_moments(
-    x: Array, axes: Sequence[int], frequency_weights: Array, *, xp: ModuleType
-) -> tuple[Array, Array]:
+def weighted_moments(x: Array, axes: Sequence[int], frequency_weights: Array, *, xp: ModuleType) -> tuple[Array, Array]:
     """Frequency-weighted mean and variance, as ``tf.nn.weighted_moments``.
 
     The sum of weights is taken over the weights broadcast to ``x``'s shape,
@@ -402,9 +419,15 @@ def fused_moving_update(
     """
     dev = array_device(variable)
     dt = variable.dtype
-    keep, factor = _fused_factors(float(momentum), float(bessel))
-    one_minus_f = _f32_const(keep, dt, xp, dev)
-    return one_minus_f * variable + _f32_const(factor, dt, xp, dev) * _cast(_cast(batch_value, xp.float32, xp), dt, xp)
+    batch = _cast(_cast(batch_value, xp.float32, xp), dt, xp)
+    if bessel == 1.0 or not is_compiling(variable):
+        keep, factor = _fused_factors(float(momentum), float(bessel))
+        return _f32_const(keep, dt, xp, dev) * variable + _f32_const(factor, dt, xp, dev) * batch
+    # under torch.compile n may be symbolic (a dynamic batch size): the same float32 roundings,
+    # the last one by a float32 0-d array (a product of two float32 values, rounded once)
+    keep, f = _fused_factors(float(momentum), 1.0)
+    factor = _cast(_f32_round(bessel, xp, dev) * f, dt, xp)
+    return _f32_const(keep, dt, xp, dev) * variable + factor * batch
 
 
 @functools.lru_cache(maxsize=256)
@@ -519,7 +542,9 @@ def batch_norm(
     -------
     y, new_state
         ``y`` has ``x``'s shape and ``config.compute_dtype``; ``new_state`` holds new
-        arrays (the inputs are never mutated).
+        arrays (the inputs are never mutated), held constant for autodiff (torch's
+        ``detach``, JAX's ``stop_gradient``): like TF's moving-average assignments,
+        they carry no gradient back to ``x``.
     """
     if xp is None:
         xp = array_namespace(x, *[a for a in (*params, *state) if a is not None])
@@ -528,19 +553,23 @@ def batch_norm(
     if x.dtype != compute_dtype:
         x = xp.astype(x, compute_dtype)
     if config.fused:
-        return _fused(x, params, state, training=training, config=config, trainable=trainable, xp=xp)
-    return _non_fused(
-        x,
-        params,
-        state,
-        training=training,
-        config=config,
-        mask=mask,
-        adjustment=adjustment,
-        trainable=trainable,
-        param_dtype=param_dtype,
-        xp=xp,
-    )
+        y, new_state = _fused(x, params, state, training=training, config=config, trainable=trainable, xp=xp)
+    else:
+        y, new_state = _non_fused(
+            x,
+            params,
+            state,
+            training=training,
+            config=config,
+            mask=mask,
+            adjustment=adjustment,
+            trainable=trainable,
+            param_dtype=param_dtype,
+            xp=xp,
+        )
+    # The new statistics are constants for autodiff (torch, JAX), as TF's assigned variables are:
+    # no gradient flows from a later use of the moving statistics back into this batch.
+    return y, BNState(*(new if new is old else stop_gradient(new) for new, old in zip(new_state, state, strict=True)))
 
 
 def _fused(
@@ -553,8 +582,11 @@ def _fused(
     xf = x if x.dtype == xp.float32 else xp.astype(x, xp.float32)
     axes = tuple(i for i in range(ndim) if i != ch)
     update = training and trainable
+    if update:
+        require_known_sizes(x.shape, "The fused path's moving variance (Bessel's correction n / (n - 1))")
     n = math.prod([x.shape[i] for i in axes])
-    bessel = n / max(n - 1, 1)
+    unknown = isinstance(n, float) and math.isnan(n)  # dask's unknown sizes, only outside an update
+    bessel = 1.0 if unknown else n / max(n - 1, 1)
     if _accelerator.takes_kernels(xf, xp) and (config.fused_avg_updates or not update):
         momentum = float(config.momentum) if update else 0.0
         keep, mean_factor = _fused_factors(momentum, 1.0) if update else (0.0, 0.0)
@@ -595,9 +627,7 @@ def _fused(
             bvar = xp.reshape(variance, config.param_shape)
             if config.fused_avg_updates:
                 new_mean = fused_moving_update(state.moving_mean, bmean, config.momentum, xp=xp)
-                new_var = fused_moving_update(
-                    state.moving_variance, bvar, config.momentum, bessel=bessel, xp=xp
-                )
+                new_var = fused_moving_update(state.moving_variance, bvar, config.momentum, bessel=bessel, xp=xp)
             else:  # momentum given as a non-Python number: the assign_sub form
                 bvar = bvar * xp.full((), bessel, dtype=bvar.dtype, device=dev)
                 new_mean = assign_moving_average(state.moving_mean, bmean, config.momentum, xp=xp)
@@ -645,6 +675,7 @@ def _non_fused(
             msg = f"virtual_batch_size must be an integer; received virtual_batch_size={vbs!r}."
             raise ValueError(msg)
         batch = original_shape[0]
+        require_known_sizes(original_shape, "virtual_batch_size (the ghost batches' reshape)")
         if training:
             if batch % vbs != 0:
                 msg = (
@@ -791,6 +822,7 @@ def _mask_weights(mask: Array, x: Array, config: BNConfig, xp: ModuleType) -> Ar
     compute_dtype = dtype_from_name(xp, config.compute_dtype)
     w = mask if mask.dtype == compute_dtype else xp.astype(mask, compute_dtype)
     w = xp.expand_dims(w, axis=-1)
+    require_known_sizes((*mask.shape, *x.shape), "A mask (its broadcast against the input)")
     try:
         if _broadcast_shapes(tuple(w.shape), tuple(x.shape)) != tuple(x.shape):
             msg = "the broadcast result is larger than the input"

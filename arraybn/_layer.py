@@ -19,10 +19,14 @@ from ._functional import BNConfig, BNParams, BNState, batch_norm
 from ._namespace import (
     array_device,
     array_namespace,
+    compat_namespace,
     dtype_from_name,
     float_errors_ignored,
     is_array,
+    is_traced,
     numpy_namespace,
+    stored,
+    to_device,
     to_numpy,
 )
 from ._policy import Policy, get_policy
@@ -224,21 +228,19 @@ class BatchNormalization:
         if self._built:
             xp = self._xp if xp is None else xp
             device = self._device if device is None else device
-        xp = numpy_namespace() if xp is None else xp
+        xp = numpy_namespace() if xp is None else compat_namespace(xp)  # build(shape, xp=numpy) too
         if not self._policy.is_floating:
             msg = (
                 f"BatchNormalization needs a floating-point dtype policy; layer {self.name!r} has "
                 f"dtype={self._policy.name!r}. Use 'float32', 'float64', 'mixed_float16', ..."
             )
             raise ValueError(msg)
-        shape = tuple(None if s is None else int(s) for s in input_shape)  # None: unknown (a Keras Input)
+        # None: unknown (a Keras Input); so is dask's NaN (unknown chunk sizes)
+        shape = tuple(None if s is None or (isinstance(s, float) and math.isnan(s)) else int(s) for s in input_shape)
         axes = validate_axis(self.axis, shape)
         undefined = [a for a in axes if shape[a] is None]
         if undefined:
-            msg = (
-                f"Input has undefined `axis` dimension. Received input with shape {shape} "
-                f"and axis={tuple(axes)}"
-            )
+            msg = f"Input has undefined `axis` dimension. Received input with shape {shape} and axis={tuple(axes)}"
             raise ValueError(msg)
         rank = len(shape)
         check_virtual_batch(self.virtual_batch_size, axes, self.adjustment)
@@ -271,7 +273,7 @@ class BatchNormalization:
         )
 
         with float_errors_ignored(xp):
-            new_vars = self._create_weights(pshape, param_dtype, xp, device)
+            new_vars = {k: stored(a) for k, a in self._create_weights(pshape, param_dtype, xp, device).items()}
         if self._initial_weights is not None:
             new_vars = self._converted_weights(self._initial_weights, new_vars, xp, param_dtype, device)
 
@@ -288,7 +290,9 @@ class BatchNormalization:
         self._initial_weights = None  # Keras sets the constructor's `weights` once, at the first build
         self._built = True
 
-    def _create_weights(self, pshape: tuple[int, ...], param_dtype: Any, xp: ModuleType, device: Any) -> dict[str, Array]:
+    def _create_weights(
+        self, pshape: tuple[int, ...], param_dtype: Any, xp: ModuleType, device: Any
+    ) -> dict[str, Array]:
         def make(init: Any) -> Array:
             return _initialize(init, pshape, param_dtype, xp, device)
 
@@ -330,7 +334,9 @@ class BatchNormalization:
             msg = "list index out of range (axis=[]: no axis to normalize; TensorFlow raises IndexError here)"
             raise IndexError(msg)
         config = self._current_config(self._config)
-        _check_call_numbers(self.momentum, self.epsilon, training=training, fused=config.fused)
+        # momentum is read by the updates: a frozen non-fused layer makes none (the fused path converts it anyway)
+        reads_momentum = training and (bool(self.trainable) or config.fused)
+        _check_call_numbers(self.momentum, self.epsilon, training=reads_momentum, fused=config.fused)
         if config.fused and mask is not None:
             warnings.warn(
                 "Masking is not supported with `fused=True`. You should either turn off fusing "
@@ -357,7 +363,18 @@ class BatchNormalization:
                 trainable=bool(self.trainable),
                 xp=xp,
             )
-        self._vars = {**v, **{k: a for k, a in new_state._asdict().items() if a is not None}}
+        changed = {k: a for k, a in new_state._asdict().items() if a is not None and a is not v.get(k)}
+        traced = _is_jax(xp) and any(is_traced(a) for a in changed.values())
+        if traced and not any(is_traced(a) for a in v.values()):
+            msg = (
+                f'Layer "{self.name}" was called in training inside a JAX transformation (jax.jit, '
+                "jax.grad, jax.vmap, ...): its moving statistics would become that transformation's "
+                "traced values and leak out of it. Train under a transformation with the functional "
+                "core (arraybn.batch_norm returns the new state), or call the layer eagerly; inference "
+                "calls (training=False) work under transformations."
+            )
+            raise RuntimeError(msg)
+        self._vars = {**v, **{k: stored(a) for k, a in changed.items()}}
         self._config = config  # the numbers read by this call (a later backward uses them)
         self._activity_losses = []
         if self.activity_regularizer is not None:
@@ -443,8 +460,18 @@ class BatchNormalization:
                 "copies between libraries silently), or build a separate layer."
             )
             raise TypeError(msg)
+        traced_input = _is_jax(xp) and is_traced(inputs)
+        if _is_jax(xp) and not traced_input and any(is_traced(a) for a in self._vars.values()):
+            msg = (
+                f'Layer "{self.name}" holds traced JAX values as weights: it was built or trained inside '
+                "a JAX transformation (jax.jit, jax.grad, ...) that has ended. Build the layer with an "
+                "eager call (or layer.build) before transforming a function that uses it."
+            )
+            raise RuntimeError(msg)
         dev = array_device(inputs)
-        if self._device is not None and dev != self._device:
+        if traced_input:
+            pass  # a traced array has no device of its own: the transformation places it
+        elif self._device is not None and dev != self._device:
             msg = (
                 f'Layer "{self.name}" holds its weights on device {self._device!r} but the input is on '
                 f"{dev!r}. Move the input to {self._device!r} first."
@@ -525,7 +552,8 @@ class BatchNormalization:
                     f"weight shape {shape} (weight '{name}')."
                 )
                 raise ValueError(msg)
-            out[name] = _to_namespace(w, xp, dtype, device)
+            # a copy of the values, outside autograd, as Keras assigns them to its variables
+            out[name] = stored(_to_namespace(stored(w) if is_array(w) else w, xp, dtype, device))
         return out
 
     def _weight(self, name: str) -> Array | None:
@@ -660,10 +688,17 @@ def _training_value(training: Any) -> bool:
     return bool(training)
 
 
+def _is_jax(xp: ModuleType) -> bool:
+    """JAX's namespace: the only one whose arrays may be tracers of a transformation."""
+    return xp.__name__.startswith("jax")
+
+
 def _to_namespace(w: Any, xp: ModuleType, dtype: Any, device: Any) -> Array:
     """``w`` as an array of ``xp``/``dtype``/``device``; other libraries go through NumPy."""
     if is_array(w) and array_namespace(w).__name__ == xp.__name__:
         out = w
+        if device is not None and not is_traced(w) and array_device(w) != device:
+            out = to_device(w, device)  # the layer's device (a CPU tensor for CUDA weights)
     else:
         out = xp.asarray(to_numpy(w) if is_array(w) else w, device=device)
     return xp.astype(out, dtype) if out.dtype != dtype else xp.asarray(out, copy=True)
@@ -679,4 +714,3 @@ def _initialize(init: Any, shape: tuple[int, ...], dtype: Any, xp: ModuleType, d
     if tuple(out.shape) != shape:
         out = xp.broadcast_to(out, shape)
     return out
-

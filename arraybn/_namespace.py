@@ -12,23 +12,29 @@ from typing import Any
 
 import array_api_compat
 from array_api_compat import device as array_device
+from array_api_compat import to_device
 
 __all__ = [
     "array_device",
     "array_namespace",
+    "compat_namespace",
     "dtype_from_name",
     "dtype_name",
     "float_error_settings",
     "float_errors_ignored",
     "is_array",
+    "is_compiling",
     "is_cupy_array",
+    "is_traced",
     "multiply_into",
     "numpy_namespace",
     "optional_dtype",
     "prefers_blocked_reductions",
     "stop_gradient",
+    "stored",
     "streams_through_cache",
     "subtract_into",
+    "to_device",
     "to_numpy",
 ]
 
@@ -81,6 +87,42 @@ def stop_gradient(x: Any) -> Any:
         import jax
 
         return jax.lax.stop_gradient(x)
+    return x
+
+
+def is_traced(x: Any) -> bool:
+    """True for a JAX tracer: an array of a function that ``jax.jit``, ``jax.grad``, ``jax.vmap``
+    (...) is transforming, which has no value or device outside that transformation."""
+    if not array_api_compat.is_jax_array(x):
+        return False
+    import jax
+
+    return isinstance(x, jax.core.Tracer)
+
+
+def is_compiling(x: Any) -> bool:
+    """True for a torch tensor that ``torch.compile`` is tracing (its sizes may be symbolic there)."""
+    if not array_api_compat.is_torch_array(x):
+        return False
+    import sys
+
+    return bool(sys.modules["torch"].compiler.is_compiling())
+
+
+def stored(x: Any) -> Any:
+    """``x`` as a layer keeps it: outside autograd, as TF's variables are, and for torch never an
+    inference tensor (one made under ``torch.inference_mode``, which autograd refuses later;
+    ``torch.nn.BatchNorm`` updates its buffers in place, so they stay normal tensors)."""
+    if not array_api_compat.is_torch_array(x):
+        return x
+    import sys
+
+    torch = sys.modules["torch"]
+    if x.requires_grad:
+        x = x.detach()
+    if not torch.compiler.is_compiling() and x.is_inference():
+        with torch.inference_mode(False):
+            x = x.clone()
     return x
 
 
@@ -154,6 +196,20 @@ def is_array(x: Any) -> bool:
     return bool(array_api_compat.is_array_api_obj(x))
 
 
+_WRAPPED = frozenset({"numpy", "torch", "cupy", "dask.array"})  # the libraries array-api-compat wraps
+
+
+def compat_namespace(xp: ModuleType) -> ModuleType:
+    """The namespace arraybn computes with for ``xp``: array-api-compat's wrapper of a library given
+    as itself (``numpy``, ``torch``, ``cupy``, ``dask.array``), the one ``array_namespace`` returns
+    for its arrays; any other namespace (already compliant, or already wrapped) as it is."""
+    if xp.__name__ not in _WRAPPED:
+        return xp
+    import importlib
+
+    return importlib.import_module(f"array_api_compat.{xp.__name__}")
+
+
 def numpy_namespace() -> ModuleType:
     """The compat-wrapped NumPy namespace (the default for ``build`` without ``xp``)."""
     import numpy as np  # local: ``import arraybn`` must not import a backend
@@ -183,6 +239,16 @@ def optional_dtype(xp: ModuleType, name: str) -> Any:
 def dtype_from_name(xp: ModuleType, name: str) -> Any:
     """The dtype object of ``xp`` called ``name``; a clear error where ``xp`` lacks it."""
     dtype = optional_dtype(xp, name)
+    if name == "float64" and xp.__name__.startswith("jax"):
+        import jax
+
+        if not jax.config.read("jax_enable_x64"):  # JAX would make float32 arrays, with a warning
+            msg = (
+                "JAX computes float64 only with `jax.config.update('jax_enable_x64', True)`; without it "
+                "the float64 policy of this layer would silently run in float32. Enable it, or use "
+                "another dtype policy."
+            )
+            raise TypeError(msg)
     if dtype is None:
         msg = (
             f"The array namespace {xp.__name__} has no {name} dtype; the dtype policy of this "

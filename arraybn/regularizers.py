@@ -51,6 +51,12 @@ def _xp(w: Any) -> Any:
     return array_namespace(w)
 
 
+def _l2_loss(w: Any, xp: Any) -> Any:
+    """``tf.nn.l2_loss``: ``sum(w**2 * 0.5)``, each square halved before the sum (TF's kernel), so
+    a float16 sum overflows where TF's does (at twice the squares' 65504), not sooner."""
+    return xp.sum(w * w * 0.5)
+
+
 @_registry.register()
 class L1L2(Regularizer):
     """``l1 * sum(|w|) + l2 * sum(w**2)`` (class defaults 0; the name ``"l1_l2"`` means 0.01 each)."""
@@ -68,8 +74,7 @@ class L1L2(Regularizer):
         if self.l1:
             reg = reg + self.l1 * xp.sum(xp.abs(w))
         if self.l2:
-            # TF: 2.0 * l2 * tf.nn.l2_loss(w), l2_loss = sum(w**2) / 2
-            reg = reg + (2.0 * self.l2) * (xp.sum(w * w) / 2.0)
+            reg = reg + (2.0 * self.l2) * _l2_loss(w, xp)  # TF: 2.0 * l2 * tf.nn.l2_loss(w)
         return reg
 
     def get_config(self) -> dict[str, Any]:
@@ -99,7 +104,7 @@ class L1(Regularizer):
 
 @_registry.register()
 class L2(Regularizer):
-    """``l2 * sum(w**2)`` (default 0.01)."""
+    """``l2 * sum(w**2)`` (default 0.01), computed as TF does: ``2 * l2 * l2_loss(w)``."""
 
     def __init__(self, l2: float = 0.01, **kwargs: Any) -> None:
         l2 = kwargs.pop("l", l2)
@@ -111,8 +116,7 @@ class L2(Regularizer):
         self.l2 = float32_value(l2)
 
     def __call__(self, w: Any) -> Any:
-        xp = _xp(w)
-        return self.l2 * xp.sum(w * w)
+        return (2.0 * self.l2) * _l2_loss(w, _xp(w))  # TF: 2.0 * l2 * tf.nn.l2_loss(w)
 
     def get_config(self) -> dict[str, Any]:
         return {"l2": self.l2}

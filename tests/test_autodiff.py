@@ -4,10 +4,9 @@ Differentiating `arraybn.batch_norm` with the namespace's own autodiff (no
 VJP from arraybn) reproduces the gradient goldens and agrees with
 `arraybn._backward.batch_norm_backward`, so torch and JAX users need no VJP.
 
-One exception, where TensorFlow has a ``tf.stop_gradient`` the Array API cannot
-express: renorm's ``r`` and ``d``. Autodiff through the forward also
-differentiates them, so renorm cases in training are expected to differ (the
-``RENORM_NOTE`` xfail) until the forward holds them constant.
+Renorm's ``r`` and ``d``, which TensorFlow wraps in ``tf.stop_gradient``, are
+held constant by the forward too (torch's ``detach``, JAX's
+``lax.stop_gradient``), so renorm cases in training are checked like the rest.
 """
 
 from __future__ import annotations
@@ -22,12 +21,6 @@ from arraybn import BNParams, BNState, batch_norm
 from arraybn._backward import batch_norm_backward, batch_norm_forward
 from conformance import gradients as G
 
-RENORM_NOTE = (
-    "autodiff through batch_norm also differentiates renorm's r and d, which TensorFlow wraps in "
-    "tf.stop_gradient; the forward needs a stop-gradient for them (torch: detach, JAX: lax.stop_gradient)"
-)
-
-
 @functools.lru_cache(maxsize=1)
 def _goldens() -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     return G.load()
@@ -36,31 +29,6 @@ def _goldens() -> tuple[dict[str, Any], dict[str, np.ndarray]]:
 def _ok_cases(every: int = 1) -> list[dict[str, Any]]:
     doc, _ = _goldens()
     return [c for c in doc["cases"] if c["result"]["status"] == "ok"][::every]
-
-
-def _stops_gradient_of_renorm() -> bool:
-    """Whether the forward already holds renorm's r and d constant (probed with torch)."""
-    torch = pytest.importorskip("torch")
-    from arraybn import BNConfig
-
-    x = torch.tensor([[0.0], [1.0], [3.0]], dtype=torch.float64, requires_grad=True)
-    one = torch.ones(1, dtype=torch.float64)
-    zero = torch.zeros(1, dtype=torch.float64)
-    config = BNConfig(axis=(1,), rank=2, param_shape=(1,), renorm=True, compute_dtype="float64",
-                      param_dtype="float64")
-    y, _ = batch_norm(x, BNParams(one, zero), BNState(zero, one, one, zero + 5.0, one * 0.5), training=True,
-                      config=config)
-    (y * torch.tensor([[1.0], [2.0], [-1.0]], dtype=torch.float64)).sum().backward()
-    ctx_dx = batch_norm_backward(
-        batch_norm_forward(x.detach(), BNParams(one, zero), BNState(zero, one, one, zero + 5.0, one * 0.5),
-                           training=True, config=config)[2],
-        torch.tensor([[1.0], [2.0], [-1.0]], dtype=torch.float64),
-    ).dx
-    return bool(torch.allclose(x.grad, ctx_dx))
-
-
-def _renorm_training(case: dict[str, Any]) -> bool:
-    return bool(case["init_kwargs"].get("renorm")) and case["training"]
 
 
 def _compare(case: dict[str, Any], arrays: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> list[str]:
@@ -117,8 +85,7 @@ def test_torch_autograd_through_forward(device_name: str) -> None:
     xp = array_api_compat.array_namespace(torch.empty(0))
     device = torch.device(device_name)
     _, arrays = _goldens()
-    renorm_held = _stops_gradient_of_renorm()
-    failures, renorm_diffs = {}, []
+    failures = {}
     for case in _ok_cases():
         s = _inputs(case, arrays, xp, device)
         inp = s["inp"]
@@ -133,13 +100,9 @@ def test_torch_autograd_through_forward(device_name: str) -> None:
             if p is not None:
                 got[name] = p.grad.cpu().numpy()
         problems = _compare(case, arrays, got)
-        if problems and _renorm_training(case) and not renorm_held:
-            renorm_diffs.append(case["id"])
-        elif problems:
+        if problems:
             failures[case["id"]] = problems
     assert not failures, failures
-    if renorm_diffs:
-        pytest.xfail(f"{len(renorm_diffs)} renorm training cases: {RENORM_NOTE}")
 
 
 # --------------------------------------------------------------------------- #
@@ -155,8 +118,7 @@ def test_jax_vjp_through_forward() -> None:
 
     xp = array_api_compat.array_namespace(jnp.empty(0))
     _, arrays = _goldens()
-    renorm_held = _stops_gradient_of_renorm() if _has_torch() else None
-    failures, renorm_diffs = {}, []
+    failures = {}
     for case in _ok_cases(every=10):  # eager jax.vjp compiles every op per new shape: a tenth of the grid
         s = _inputs(case, arrays, xp, None)
         inp = s["inp"]
@@ -177,13 +139,9 @@ def test_jax_vjp_through_forward() -> None:
         if dbeta is not None:
             got["dbeta"] = np.asarray(dbeta)
         problems = _compare(case, arrays, got)
-        if problems and _renorm_training(case) and renorm_held is not True:
-            renorm_diffs.append(case["id"])
-        elif problems:
+        if problems:
             failures[case["id"]] = problems
     assert not failures, failures
-    if renorm_diffs:
-        pytest.xfail(f"{len(renorm_diffs)} renorm training cases: {RENORM_NOTE}")
 
 
 def test_jax_grad_of_a_scalar_loss() -> None:
@@ -197,7 +155,7 @@ def test_jax_grad_of_a_scalar_loss() -> None:
     _, arrays = _goldens()
     seen = set()
     for case in _ok_cases():
-        if case["group"] in seen or _renorm_training(case) or case["input_dtype"] == "float16":
+        if case["group"] in seen or case["input_dtype"] == "float16":
             continue
         seen.add(case["group"])
         s = _inputs(case, arrays, xp, None)
@@ -220,11 +178,3 @@ def test_jax_grad_of_a_scalar_loss() -> None:
             tol = G.tolerance_dtype(str(w.dtype), G.COMPUTE[case["init_kwargs"]["dtype"]])
             assert G.compare(k, got[k], w, tol_dtype=tol, scale=float(np.max(np.abs(inp["dy"])))) is None, case["id"]
     assert len(seen) >= 6
-
-
-def _has_torch() -> bool:
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        return False
-    return True

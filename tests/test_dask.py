@@ -254,3 +254,58 @@ def test_per_chunk_statistics_would_differ() -> None:
         [arraybn.BatchNormalization()(c, training=True) for c in np.split(x, N_CHUNKS)], axis=0
     )
     assert not np.allclose(whole, per_chunk, atol=1e-3)
+
+
+def _unknown_batch(x: np.ndarray) -> Any:
+    """``x`` as a dask array whose batch size dask does not know (boolean indexing)."""
+    d = da.from_array(x, chunks=(5, *x.shape[1:]))
+    keep = d.reshape(d.shape[0], -1)[:, 0] > -np.inf  # every row, but dask cannot know it
+    out = d[keep]
+    assert np.isnan(out.shape[0])
+    return out
+
+
+@pytest.mark.parametrize(("shape", "kwargs"), [((20, 3), {}), ((20, 2, 2, 3), {"fused": False})])
+def test_unknown_batch_size_on_the_non_fused_path(shape, kwargs) -> None:  # type: ignore[no-untyped-def]
+    """dask's unknown sizes (NaN) build the layer (the batch is unknown, as a Keras Input's None) and
+    the non-fused path, which divides by the count lazily, gives the known-size results."""
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    layer, ref = arraybn.BatchNormalization(**kwargs), arraybn.BatchNormalization(**kwargs)
+    y = layer(_unknown_batch(x), training=True)
+    y_ref = ref(x, training=True)
+    np.testing.assert_allclose(np.asarray(y.compute()), y_ref, rtol=1e-6, atol=1e-6)
+    for a, b in zip(layer.get_weights(), ref.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_unknown_batch_size_where_the_count_is_needed_raises() -> None:
+    """The fused update's Bessel factor n / (n - 1) needs n: a clear error that leaves the state as it
+    was (before, the moving variance silently became NaN)."""
+    x = np.random.default_rng(0).standard_normal((20, 2, 2, 3)).astype(np.float32)
+    layer = arraybn.BatchNormalization()  # fused
+    layer(da.from_array(x), training=False)
+    before = layer.get_weights()
+    with pytest.raises(ValueError, match="compute_chunk_sizes"):
+        layer(_unknown_batch(x), training=True)
+    for a, b in zip(layer.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(a, b)
+    y = layer(_unknown_batch(x), training=False)  # inference does not need it
+    np.testing.assert_allclose(np.asarray(y.compute()), layer(da.from_array(x), training=False).compute())
+    for kwargs, mask in [({"virtual_batch_size": 2}, None), ({}, da.ones((20,), chunks=5, dtype=bool))]:
+        other = arraybn.BatchNormalization(**kwargs)
+        with pytest.raises(ValueError, match="compute_chunk_sizes"):
+            other(_unknown_batch(x[:, 0, 0, :]), training=True, mask=mask)
+        if mask is None:  # the ghost batches' inference reshape: dask cannot reshape unknown sizes
+            with pytest.raises(ValueError, match="compute_chunk_sizes"):
+                other(_unknown_batch(x[:, 0, 0, :]), training=False)
+
+
+def test_empty_batch_computes_without_warnings() -> None:
+    """NaN statistics for an empty batch, computed by dask after the call (outside arraybn's NumPy
+    errstate): no 'invalid value' warning either (pytest makes warnings errors)."""
+    for kwargs, shape in [({}, (0, 3)), ({}, (0, 2, 2, 3)), ({"renorm": True}, (0, 3))]:
+        layer = arraybn.BatchNormalization(**kwargs)
+        y = layer(da.from_array(np.ones(shape, np.float32)), training=True)
+        assert y.compute().shape == shape
+        weights = layer.get_weights()
+        assert np.isnan(weights[2]).all()  # moving_mean, as TF's

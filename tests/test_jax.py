@@ -200,3 +200,86 @@ def test_jax_layer_rejects_numpy_input() -> None:
     with pytest.raises(TypeError):
         layer(_data((16, 3), 1), training=True)
     assert all(a is b for a, b in zip(layer.weights, before, strict=True))
+
+
+def test_an_eager_layer_runs_inference_under_transformations() -> None:
+    """A layer built by an eager call serves inference inside ``jax.jit``/``jax.grad``/``jax.vmap``
+    (its weights are constants there; before, the device check refused the tracer's device)."""
+    layer = arraybn.BatchNormalization()
+    x = jnp.asarray(_data((16, 3), 0))
+    layer(x, training=True)
+    before = layer.get_weights()
+    expected = layer(x, training=False)
+    assert_close(jax.jit(lambda v: layer(v, training=False))(x), expected, False, "jit")
+    g = jax.grad(lambda v: layer(v, training=False).sum())(x)
+    assert_close(g, np.broadcast_to(to_numpy_scale(layer), (16, 3)), False, "grad")
+    assert_close(jax.vmap(lambda v: layer(v[None], training=False)[0])(x), expected, False, "vmap")
+    for a, b in zip(layer.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def to_numpy_scale(layer: Any) -> np.ndarray:
+    """d y / d x of an inference call: gamma / sqrt(moving_variance + epsilon), per channel."""
+    gamma, _, _, variance = layer.get_weights()
+    return gamma / np.sqrt(variance + np.float32(layer.epsilon))
+
+
+@pytest.mark.parametrize("transform", ["jit", "vmap"])
+def test_training_an_eager_layer_under_a_transformation_raises(transform) -> None:  # type: ignore[no-untyped-def]
+    """The moving statistics would become tracers and leak out of the transformation (later calls
+    then failed with UnexpectedTracerError, get_weights with TracerArrayConversionError)."""
+    layer = arraybn.BatchNormalization()
+    x = jnp.asarray(_data((16, 3), 0))
+    layer(x, training=True)
+    before = layer.get_weights()
+    f = {
+        "jit": jax.jit(lambda v: layer(v, training=True)),
+        "vmap": jax.vmap(lambda v: layer(v[None], training=True)[0]),
+    }[transform]
+    with pytest.raises(RuntimeError, match="inside a JAX transformation"):
+        f(x)
+    for a, b in zip(layer.get_weights(), before, strict=True):  # untouched, and still concrete
+        np.testing.assert_array_equal(a, b)
+    layer(x, training=True)  # and still usable eagerly
+
+
+def test_training_under_grad_updates_the_statistics_as_an_eager_call() -> None:
+    """Under ``jax.grad`` alone the primal values are concrete, and the new statistics (held
+    constant for the gradient) are concrete arrays: the update is the eager one."""
+    x = jnp.asarray(_data((16, 3), 0))
+    layer, eager = arraybn.BatchNormalization(), arraybn.BatchNormalization()
+    g = jax.grad(lambda v: layer(v, training=True).sum())(x)
+    eager(x, training=True)
+    assert np.isfinite(np.asarray(g)).all()
+    for a, b in zip(layer.get_weights(), eager.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_layer_built_inside_jit_is_refused_afterwards() -> None:
+    holder = {}
+
+    def step(v):  # type: ignore[no-untyped-def]
+        holder["layer"] = layer = arraybn.BatchNormalization()
+        return layer(v, training=True)
+
+    x = jnp.asarray(_data((16, 3), 0))
+    jax.jit(step)(x)
+    with pytest.raises(RuntimeError, match="transformation .*that has ended"):
+        holder["layer"](x, training=True)
+
+
+def test_float64_policy_needs_x64() -> None:
+    """Without ``jax_enable_x64`` JAX makes float32 arrays where float64 is asked for: the float64
+    policy raises (as a missing dtype does) instead of running silently in float32."""
+    enabled = jax.config.read("jax_enable_x64")
+    try:
+        jax.config.update("jax_enable_x64", False)
+        layer = arraybn.BatchNormalization(dtype="float64")
+        with pytest.raises(TypeError, match="jax_enable_x64"):
+            layer(jnp.ones((4, 3), jnp.float32), training=True)
+        assert not layer.built
+        jax.config.update("jax_enable_x64", True)
+        y = layer(jnp.ones((4, 3), jnp.float64), training=True)
+        assert y.dtype == jnp.float64
+    finally:
+        jax.config.update("jax_enable_x64", enabled)

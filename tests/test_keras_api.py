@@ -322,3 +322,59 @@ def test_build_again_builds_anew():
     with pytest.raises(ValueError, match="Expected 0 <= axis < inputs.rank"):
         layer4.build((5, 7))
     assert [tuple(w.shape) for w in layer4.weights] == [(3,)] * 4
+
+
+# ---------------------------------------------------------------------------
+# numbers as TF converts them
+# ---------------------------------------------------------------------------
+
+
+def test_a_numpy_float64_momentum_decays_a_float64_layer_unrounded() -> None:
+    """``convert_to_tensor(1.0 - momentum)`` is float32 for a Python float and float64 for a NumPy
+    float64. TF 2.21: moving_mean 0.6000000000000001 and 0.6000000238418579 (batch mean 2)."""
+    x = np.array([[1.0], [3.0]])
+    for momentum, decay in [(np.float64(0.7), 1.0 - np.float64(0.7)), (0.7, float(np.float32(1.0 - 0.7)))]:
+        for key in ("momentum", "renorm_momentum"):
+            kwargs = {"dtype": "float64", key: momentum, "renorm": key == "renorm_momentum"}
+            layer = arraybn.BatchNormalization(**kwargs)
+            layer(x, training=True)
+            name = "moving_mean" if key == "momentum" else "renorm_mean"
+            got = to_numpy(getattr(layer, name))
+            np.testing.assert_array_equal(got, [0.0 - (0.0 - 2.0) * decay], err_msg=f"{key}={momentum!r}")
+    assert 0.0 - (0.0 - 2.0) * (1.0 - np.float64(0.7)) == 0.6000000000000001  # the two differ
+    layer = arraybn.BatchNormalization(momentum=np.float64(0.7))  # float32 variables: the cast rounds
+    layer(x, training=True)
+    np.testing.assert_array_equal(to_numpy(layer.moving_mean), np.float32([0.6000000238418579]))
+
+
+@pytest.mark.parametrize(
+    ("axis", "x", "expected"),
+    [
+        (0, np.array([1.0, np.inf], np.float32), [0.5, np.nan]),
+        ([0, 1], np.array([[1.0, np.nan], [2.0, -np.inf]], np.float32), [[0.5, np.nan], [0.5, np.nan]]),
+    ],
+)
+def test_nothing_to_reduce_gives_the_variance_of_x_minus_x(axis, x, expected) -> None:  # type: ignore[no-untyped-def]
+    """Every axis normalized: tf.nn.moments' variance is (x - x) ** 2, NaN for inf and NaN values,
+    and the moving variance 1 - (1 - var) * 0.5 follows it (TF 2.21: [0.5, nan])."""
+    layer = arraybn.BatchNormalization(axis=axis, momentum=0.5)
+    layer(x, training=True)
+    np.testing.assert_array_equal(to_numpy(layer.moving_variance), np.float32(expected))
+
+
+def test_a_frozen_non_fused_layer_does_not_read_momentum() -> None:
+    """TF reads momentum in the updates, which a frozen layer skips; the fused path converts it
+    to a tensor regardless (ValueError for None)."""
+    for kwargs in ({}, {"renorm": True}, {"virtual_batch_size": 2}):
+        layer = arraybn.BatchNormalization(momentum=None, trainable=False, **kwargs)
+        y = layer(X2, training=True)
+        reference = arraybn.BatchNormalization(momentum=0.5, trainable=False, **kwargs)
+        np.testing.assert_array_equal(to_numpy(y), to_numpy(reference(X2, training=True)))
+        for a, b in zip(_weights(layer), _weights(reference), strict=True):
+            np.testing.assert_array_equal(a, b)
+    fused = arraybn.BatchNormalization(momentum=None, trainable=False)
+    with pytest.raises(ValueError, match="momentum"):
+        fused(X4, training=True)
+    trainable = arraybn.BatchNormalization(momentum=None, fused=False)
+    with pytest.raises(TypeError, match="momentum"):
+        trainable(X2, training=True)

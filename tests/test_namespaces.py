@@ -363,6 +363,30 @@ def test_torch_compile_layer_fullgraph(xp, device, asarray) -> None:  # type: ig
 
 
 @pytest.mark.filterwarnings(DYNAMO_LRU_WARNING)
+@pytest.mark.parametrize("backend", TORCH_BACKENDS, ids=TORCH_IDS)
+@pytest.mark.parametrize("shape", [(16, 3), (16, 2, 2, 3)], ids=["non-fused", "fused"])
+def test_torch_compile_layer_with_a_dynamic_batch(shape, xp, device, asarray) -> None:  # type: ignore[no-untyped-def]
+    """A batch marked dynamic: one graph serves every batch size (docs/backends.md names
+    ``dynamic=True`` as the form that does not compile)."""
+    import torch
+
+    torch._dynamo.reset()
+    layer, reference = arraybn.BatchNormalization(), arraybn.BatchNormalization()
+    layer(asarray(_data(shape, 99)), training=True)
+    reference(_data(shape, 99), training=True)
+    compiler, graphs = _counting_backend()
+    compiled = torch.compile(lambda x: layer(x, training=True), backend=compiler)
+    for i, batch in enumerate((16, 12, 8, 20)):
+        x = _data((batch, *shape[1:]), i)
+        xt = asarray(x)
+        torch._dynamo.mark_dynamic(xt, 0)
+        assert_close(compiled(xt).cpu().numpy(), reference(x, training=True), False, f"batch {batch}")
+    for w, w_ref in zip(layer.get_weights(), reference.get_weights(), strict=True):
+        assert_close(w, w_ref, False, "weight")
+    assert len(graphs) == 1, f"expected one graph for every batch size, got {len(graphs)}"
+
+
+@pytest.mark.filterwarnings(DYNAMO_LRU_WARNING)
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 @pytest.mark.parametrize("backend", TORCH_BACKENDS, ids=TORCH_IDS)
 def test_torch_compile_inductor(xp, device, asarray) -> None:  # type: ignore[no-untyped-def]
@@ -564,3 +588,115 @@ def test_torch_device_mismatch_raises_value_error(xp, device) -> None:  # type: 
         cuda_layer(torch.asarray(_data((8, 5, 3), 1), device=device), training=True, mask=torch.ones((8, 5)))
     _assert_untouched(cuda_layer, snaps[0])
     _assert_untouched(cpu_layer, snaps[1])
+
+
+# ---------------------------------------------------------------------------
+# Autograd and the layer's state (torch)
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"renorm": True}, {"fused": True}], ids=["non-fused", "renorm", "fused"])
+def test_torch_moving_statistics_stay_out_of_autograd(kwargs) -> None:  # type: ignore[no-untyped-def]
+    """TF's moving averages are variable assignments: no gradient path from them back to a batch.
+    A training call on an input that needs gradients must leave state without a graph, so that a
+    later call can be differentiated on its own (before, the second backward raised "Trying to
+    backward through the graph a second time")."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    shape = (8, 2, 2, 3) if kwargs.get("fused") else (8, 3)
+    lin = torch.nn.Linear(shape[-1], shape[-1])
+    layer = arraybn.BatchNormalization(**kwargs)
+    layer(lin(torch.randn(*shape)), training=True).square().sum().backward()
+    for name, w in zip(layer.weight_names, layer.weights, strict=True):
+        assert w.grad_fn is None, name
+        assert not w.requires_grad, name
+    x = torch.randn(*shape, requires_grad=True)
+    layer(lin(x), training=False).square().sum().backward()  # inference on the moving statistics
+    g = x.grad.clone()
+    # the same inference with the statistics copied into a fresh layer: the same gradient
+    fresh = arraybn.BatchNormalization(**kwargs)
+    fresh.build(shape, xp=torch)
+    fresh.set_weights(layer.get_weights())
+    x.grad = None
+    fresh(lin(x), training=False).square().sum().backward()
+    torch.testing.assert_close(x.grad, g, rtol=0, atol=0)
+
+
+def test_torch_functional_state_is_detached() -> None:
+    torch = pytest.importorskip("torch")
+    config = BNConfig(axis=(1,), rank=2, param_shape=(3,), fused=False)
+    x = torch.randn(8, 3, requires_grad=True)
+    state = BNState(torch.zeros(3), torch.ones(3))
+    y, new = batch_norm(x, BNParams(torch.ones(3), torch.zeros(3)), state, training=True, config=config)
+    assert y.requires_grad
+    assert not new.moving_mean.requires_grad
+    assert not new.moving_variance.requires_grad
+    _, same = batch_norm(x, BNParams(torch.ones(3), torch.zeros(3)), state, training=False, config=config)
+    assert same.moving_mean is state.moving_mean  # nothing new in inference
+
+
+def test_torch_layer_trained_under_inference_mode_trains_later() -> None:
+    """Inference tensors cannot be saved for backward; torch.nn.BatchNorm's buffers stay normal
+    tensors (updated in place), and so do the layer's (replaced by normal tensors)."""
+    torch = pytest.importorskip("torch")
+    layer = arraybn.BatchNormalization()
+    with torch.inference_mode():
+        layer(torch.randn(8, 5), training=True)  # built and updated under inference mode
+        layer(torch.randn(8, 5), training=True)
+    assert not any(w.is_inference() for w in layer.weights)
+    x = torch.randn(8, 5, requires_grad=True)
+    layer(x, training=True).square().sum().backward()
+    assert x.grad is not None
+    assert torch.isfinite(x.grad).all()
+
+
+def test_torch_set_weights_copies_values_out_of_autograd() -> None:
+    torch = pytest.importorskip("torch")
+    layer = arraybn.BatchNormalization()
+    layer.build((4, 3), xp=torch)
+    gamma = torch.full((3,), 2.0, requires_grad=True)
+    layer.set_weights([gamma, torch.zeros(3), torch.zeros(3), torch.ones(3)])
+    assert not layer.gamma.requires_grad
+    assert layer.gamma.grad_fn is None
+    with torch.no_grad():
+        gamma.mul_(3.0)  # the caller's tensor changes; the layer's copy does not
+    np.testing.assert_array_equal(layer.get_weights()[0], np.full(3, 2.0, np.float32))
+
+
+def test_build_takes_a_library_given_as_itself() -> None:
+    """``build(shape, xp=numpy)`` (or ``torch``) means array-api-compat's namespace of that library:
+    before, the weights were made with the bare module and every call failed its namespace check."""
+    layer = arraybn.BatchNormalization()
+    layer.build((4, 3), xp=np)
+    x = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+    np.testing.assert_array_equal(layer(x, training=True), arraybn.BatchNormalization()(x, training=True))
+    torch = pytest.importorskip("torch")
+    layer = arraybn.BatchNormalization()
+    layer.build((4, 3), xp=torch)
+    assert isinstance(layer(torch.asarray(x), training=True), torch.Tensor)
+
+
+def test_backward_rejects_a_gradient_from_another_library() -> None:
+    torch = pytest.importorskip("torch")
+    x = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+    layer = arraybn.BatchNormalization()
+    _, ctx = layer.forward(x)
+    with pytest.raises(TypeError, match="one array library"):
+        layer.backward(ctx, torch.ones(4, 3))
+    tlayer = arraybn.BatchNormalization()
+    _, tctx = tlayer.forward(torch.asarray(x))
+    with pytest.raises(TypeError, match="one array library"):
+        tlayer.backward(tctx, np.ones((4, 3), np.float32))
+
+
+def test_strict_set_weights_moves_to_the_layers_device(strict_xp) -> None:  # type: ignore[no-untyped-def]
+    xp = strict_xp
+    layer = arraybn.BatchNormalization()
+    layer.build((4, 3), xp=xp)  # CPU_DEVICE
+    other = xp.Device("device1")
+    ws = [xp.asarray(np.full(3, v, np.float32), device=other) for v in (2.0, 0.5, 0.0, 1.0)]
+    layer.set_weights(ws)
+    assert all(array_device(w) == array_device(layer.moving_mean) for w in layer.weights)
+    x = xp.asarray(np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32))
+    y = layer(x, training=False)
+    assert array_device(y) == array_device(x)

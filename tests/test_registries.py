@@ -120,3 +120,14 @@ def test_public_api():  # type: ignore[no-untyped-def]
         "beta_constraint", "gamma_constraint", "renorm", "renorm_clipping", "renorm_momentum", "fused",
         "trainable", "virtual_batch_size", "adjustment", "name", "kwargs",
     ]
+
+
+@pytest.mark.parametrize("name", ["l2", "l1_l2"])
+def test_l2_penalty_halves_each_square_as_tf_l2_loss(name) -> None:  # type: ignore[no-untyped-def]
+    """TF: ``2 * l2 * tf.nn.l2_loss(x)``, whose kernel halves each square before the sum. In float16
+    the sum of eight squares of 100 (80000) overflows; the sum of their halves (40000) does not,
+    and the penalty is 0.02 * 40000 = 800 (plus l1 * 800 = 8 for "l1_l2"). TF 2.21: 800.0 and 808.0."""
+    x = np.full((2, 4), 100.0, np.float16)
+    penalty = regularizers.get(name)(x)
+    assert penalty.dtype == np.float16
+    np.testing.assert_allclose(float(penalty), 800.0 if name == "l2" else 808.0, rtol=1e-3)
