@@ -641,6 +641,64 @@ def _bfloat16():
     return cases
 
 
+ACTIVITY = ["l1", "l2", "l1_l2", {"class_name": "L2", "config": {"l2": 0.25}}]
+
+
+def _activity():
+    """activity_regularizer -> layer.losses (the output's penalty over the batch size). A gamma of
+    70 makes the float16 L2 sum of squares (about 88000) overflow where TF's sum of halved squares
+    (about 44000) does not."""
+    cases = []
+    for reg in ACTIVITY:
+        name = reg if isinstance(reg, str) else reg["class_name"] + json.dumps(reg["config"], sort_keys=True)
+        for (rank, axis), fused in [((2, -1), None), ((4, -1), None), ((4, 1), False)]:
+            for policy in ["default", "mixed_float16", "float16", "float64"]:
+                for big in (False, True):
+                    parts = [f"reg={name}", f"r{rank}", f"ax={_axis_str(axis)}", f"fused={fused}",
+                             f"policy={policy}", f"gamma={'70' if big else 'random'}"]
+                    c = _base_case("activity", parts, rank, axis)
+                    kw = c["init_kwargs"]
+                    kw["activity_regularizer"] = reg
+                    kw["gamma_regularizer"] = "l2"
+                    if fused is not None:
+                        kw["fused"] = fused
+                    if policy != "default":
+                        kw["dtype"] = policy
+                    c["calls"] = _calls("TTFN", False)
+                    if big:  # training calls only: normalized outputs stay below 256 (no float16 square overflows)
+                        kw["gamma_initializer"] = {"class_name": "Constant", "config": {"value": 70.0}}
+                        c["weights"] = "init"
+                        c["calls"] = c["calls"][:2]
+                    c["dims"] = {"regularizer": name, "policy": policy, "gamma": "70" if big else "random",
+                                 "path": f"{rank}:{_axis_str(axis)}:{fused}"}
+                    cases.append(c)
+    return cases
+
+
+def _frozen_momentum():
+    """momentum that is not a number (None) or odd (a bool) with trainable=False: TF reads momentum in
+    the updates a frozen layer skips, except on the fused path, which converts it to a tensor."""
+    cases = []
+    for mom in (None, True):
+        for (rank, axis), fused, extra in [((2, -1), None, {}), ((4, -1), False, {}), ((4, -1), None, {}),
+                                           ((2, -1), None, {"renorm": True}),
+                                           ((2, -1), None, {"virtual_batch_size": 2})]:
+            for trainable in (False, True):
+                tag = "+".join(f"{k}={v}" for k, v in extra.items()) or "plain"
+                parts = [f"mom={mom}", f"r{rank}", f"ax={_axis_str(axis)}", f"fused={fused}", tag,
+                         f"trainable={trainable}"]
+                c = _base_case("frozen_momentum", parts, rank, axis)
+                kw = c["init_kwargs"]
+                kw["momentum"] = mom
+                kw["trainable"] = trainable
+                kw.update(extra)
+                if fused is not None:
+                    kw["fused"] = fused
+                c["dims"] = {"momentum": str(mom), "trainable": str(trainable), "path": f"{rank}:{fused}:{tag}"}
+                cases.append(c)
+    return cases
+
+
 # --------------------------------------------------------------------------- #
 
 def groups():
@@ -693,6 +751,10 @@ def groups():
          "crossed": ["n", "layout", "fused", "renorm"], "pairwise": [], "cases": _small_batch()},
         {"name": "bfloat16", "description": "bfloat16 policies (arrays stored as uint16 bit patterns).",
          "crossed": ["policy", "input dtype", "path", "renorm/mask"], "pairwise": [], "cases": _bfloat16()},
+        {"name": "activity", "description": "activity_regularizer -> layer.losses, 16-bit policies included.",
+         "crossed": ["regularizer", "path", "policy", "gamma"], "pairwise": [], "cases": _activity()},
+        {"name": "frozen_momentum", "description": "momentum None/True, frozen and not, on every path.",
+         "crossed": ["momentum", "path", "trainable"], "pairwise": [], "cases": _frozen_momentum()},
     ]
     seen = set()
     for g in G:

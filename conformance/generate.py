@@ -37,6 +37,8 @@ from .cases import group_hash, groups
 
 CHUNK = 500
 GENERATOR_REVISION = 2  # bump when the recording logic changes
+# (per-call ``losses`` are recorded only for layers with an activity_regularizer: no chunk but
+# ``activity`` has one, so the other chunks are what this revision writes and were kept)
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 
 # Error messages from TensorFlow's own internals that reveal a dtype mismatch
@@ -373,7 +375,10 @@ def _run_stages(tf, BN, case, rec, kwargs, npz, p, rng, x_keys, m_keys, xs, ms, 
         "loss_dtypes": [t for _, t in losses],
     }
     # ---- calls ----------------------------------------------------------------
-    ys, ws, ytags = [], [], []
+    ys, ws, ytags, call_losses = [], [], [], []
+    # a call changes layer.losses only through the activity regularizer (the output's penalty):
+    # recorded after every call where the layer has one
+    activity = case["init_kwargs"].get("activity_regularizer") is not None
     for i, c in enumerate(case["calls"]):
         x = to_tf(*xs[i])
         kw = {"training": c["training"]}
@@ -388,6 +393,8 @@ def _run_stages(tf, BN, case, rec, kwargs, npz, p, rng, x_keys, m_keys, xs, ms, 
         ys.append(ya)
         ytags.append(yt)
         ws.append(np.stack([v.numpy() for v in layer.weights]))
+        if activity:
+            call_losses.append([from_tf(tf.convert_to_tensor(v)) for v in layer.losses])
     n_ok = len(ys)
     if n_ok:
         same = len({a.shape for a in ys}) == 1 and len(set(ytags)) == 1
@@ -403,6 +410,10 @@ def _run_stages(tf, BN, case, rec, kwargs, npz, p, rng, x_keys, m_keys, xs, ms, 
                 entry["y"] = {"key": npz.add(p + f"y{i}", ys[i], ytags[i]), "index": None}
             entry["y_dtype"] = ytags[i]
             entry["weights"] = {"key": wkey, "index": i}
+            if activity:
+                entry["losses"] = [float(np.asarray(v, np.float64)) if t != "bfloat16" else None
+                                   for v, t in call_losses[i]]
+                entry["loss_dtypes"] = [t for _, t in call_losses[i]]
         rec["calls"].append(entry)
     # ---- one optimizer step (constraints) ------------------------------------------
     if case["step"] and rec["status"] == "ok":

@@ -68,6 +68,9 @@ TOLERANCES = {
     "bfloat16": {"rtol": EPS["bfloat16"], "atol": 64 * EPS["float32"]},
 }
 LOSS_TOL = {"rtol": 1e-5, "atol": 1e-7}
+#: float16 penalties (activity regularizers under 16-bit policies) are sums of float16 values,
+#: rounded at every addition in an order that differs between libraries: a few float16 ulps
+LOSS_TOL_HALF = {"rtol": 8 * 2.0**-10, "atol": 1e-3}
 CONFIG_FLOAT_RTOL = 1e-6
 
 #: TensorFlow exception class -> exception class a port must raise.
@@ -375,6 +378,14 @@ def drive_case(factory, backend, chunk, case):
         ya, yt = to_numpy(y)
         entry = {"y": ya, "y_dtype": yt, "y_shape": list(getattr(y, "shape", ())),
                  "weights": _stack(layer.get_weights())}
+        if "losses" in c:  # TF recorded layer.losses after this call (an activity regularizer)
+            try:
+                call_losses = [to_numpy(v) for v in layer.losses]
+                entry["losses"] = [float(np.asarray(a, np.float64)) for a, _ in call_losses]
+                entry["loss_dtypes"] = [t for _, t in call_losses]
+            except Exception as e:  # noqa: BLE001
+                res["error"] = _err("losses", e, i)
+                return res
         try:
             entry["namespace"] = backend.namespace_name(y)
             entry["input_namespace"] = backend.namespace_name(x)
@@ -591,6 +602,26 @@ def _compare_rows(got, ref, dtype, what, out, rows):
     return None
 
 
+def _compare_losses(got: list, got_dtypes: list, ref: list, ref_dtypes: list, what: str) -> list:
+    """Problems of ``layer.losses`` against TF's: count, dtype, value (NaN and inf positions exactly)."""
+    if len(got) != len(ref):
+        return [f"{what}: {len(got)} values, TF has {len(ref)}"]
+    P = []
+    for i, (a, b) in enumerate(zip(got, ref)):
+        if i < len(ref_dtypes) and i < len(got_dtypes) and got_dtypes[i] != ref_dtypes[i]:
+            P.append(f"{what}[{i}]: dtype {got_dtypes[i]} != TF {ref_dtypes[i]}")
+        if b is None:
+            continue
+        tol = LOSS_TOL_HALF if i < len(ref_dtypes) and ref_dtypes[i] == "float16" else LOSS_TOL
+        if math.isnan(b) or math.isinf(b) or math.isnan(a) or math.isinf(a):
+            same = (math.isnan(a) and math.isnan(b)) or a == b
+        else:
+            same = abs(a - b) <= tol["atol"] + tol["rtol"] * abs(b)
+        if not same:
+            P.append(f"{what}[{i}]: {a!r} != TF {b!r}")
+    return P
+
+
 def _cfg_equal(a, b, path=""):
     if isinstance(a, dict) and isinstance(b, dict):
         ka, kb = set(a), set(b)
@@ -690,13 +721,8 @@ def compare_case(chunk, case, res):
             p = _cfg_equal(_normalize_config(rt), _normalize_config(gres["config"]))
             if p:
                 P.append("from_config round trip: " + p)
-        gl, rl = gres["losses"], res.get("losses", [])
-        if len(gl) != len(rl):
-            P.append(f"losses: {len(rl)} values, TF has {len(gl)}")
-        else:
-            for i, (a, b) in enumerate(zip(rl, gl)):
-                if b is not None and abs(a - b) > LOSS_TOL["atol"] + LOSS_TOL["rtol"] * abs(b):
-                    P.append(f"losses[{i}]: {a!r} != TF {b!r}")
+        P.extend(_compare_losses(res.get("losses", []), res.get("loss_dtypes", []), gres["losses"],
+                                 gres["loss_dtypes"], "losses"))
         wns = res.get("weight_namespaces") or []
         ins = {rc.get("input_namespace") for rc in res.get("calls", []) if rc.get("input_namespace")}
         if ins and any(n not in ins for n in wns):
@@ -746,6 +772,9 @@ def compare_case(chunk, case, res):
             p = compare_arrays(rc["y"], ref_y, ydt, f"call {i} (training={c['training']}) output", o)
             if p:
                 P.append(p)
+        if "losses" in c:
+            P.extend(_compare_losses(rc.get("losses", []), rc.get("loss_dtypes", []), c["losses"], c["loss_dtypes"],
+                                     f"call {i}: losses"))
         ref_w = chunk.arr(c["weights"])
         got_w = np.asarray(rc["weights"])
         if got_w.shape != ref_w.shape:
