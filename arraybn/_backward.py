@@ -46,7 +46,7 @@ from ._functional import (
     require_known_sizes,
     weighted_moments,
 )
-from ._namespace import array_device, array_namespace, dtype_from_name, float_errors_ignored
+from ._namespace import array_device, array_namespace, dtype_from_name, float_errors_ignored, is_array
 
 Array = Any
 
@@ -229,6 +229,15 @@ def _reshape(v: Array, shape: tuple[int, ...], xp: ModuleType) -> Array:
     return v if tuple(v.shape) == shape else xp.reshape(v, shape)
 
 
+def _same_shape(a: Sequence[Any], b: Sequence[Any]) -> bool:
+    """Equal shapes, an unknown size (dask's NaN, None) matching an unknown one."""
+
+    def unknown(s: Any) -> bool:
+        return s is None or (isinstance(s, float) and math.isnan(s))
+
+    return len(a) == len(b) and all(p == q or (unknown(p) and unknown(q)) for p, q in zip(a, b, strict=True))
+
+
 def batch_norm_backward(ctx: BNContext, dy: Array) -> BNGrads:
     """The vector-Jacobian product: ``(dx, dgamma, dbeta)`` for upstream gradient ``dy``.
 
@@ -266,10 +275,13 @@ def batch_norm_backward(ctx: BNContext, dy: Array) -> BNGrads:
     in_dtype = x_in.dtype
     compute_dtype = dtype_from_name(xp, config.compute_dtype)
     param_dtype = dtype_from_name(xp, config.param_dtype)
-    array_namespace(x_in, dy)  # a TypeError naming both libraries where dy comes from another one
+    if not is_array(dy) or array_namespace(dy).__name__ != xp.__name__:
+        kind = f"{type(dy).__module__}.{type(dy).__name__}"
+        msg = f"dy must be an array of the forward's library ({xp.__name__}); got {kind}. Convert it first."
+        raise TypeError(msg)
     if ctx.training:
         require_known_sizes(x_in.shape, "The backward of a training call (its counts per statistic)")
-    if tuple(dy.shape) != tuple(x_in.shape):
+    if not _same_shape(dy.shape, x_in.shape):
         msg = f"dy has shape {tuple(dy.shape)} but the forward's input had shape {tuple(x_in.shape)}; they must match."
         raise ValueError(msg)
     x = x_in if in_dtype == compute_dtype else xp.astype(x_in, compute_dtype)
@@ -445,7 +457,7 @@ def batch_norm_backward(ctx: BNContext, dy: Array) -> BNGrads:
 
     if dx.dtype != out_dtype:
         dx = xp.astype(dx, out_dtype)
-    if tuple(dx.shape) != original_shape:
+    if not _same_shape(dx.shape, original_shape):
         dx = xp.reshape(dx, original_shape)
     if dx.dtype != in_dtype:  # the gradient of the autocast back to the input's dtype
         dx = xp.astype(dx, in_dtype)
@@ -474,6 +486,9 @@ def layer_forward(layer: Any, x: Array, training: Any = True, mask: Array | None
     ``adjustment`` returned). Note the default ``training=True``, unlike
     ``layer(x)`` whose ``None`` means inference.
     """
+    if isinstance(x, (bool, int, float)):  # as layer(x): TF's rank-0 ValueError
+        msg = "Input has undefined rank. Received: input_shape=()"
+        raise ValueError(msg)
     xp = array_namespace(x) if mask is None else array_namespace(x, mask)
     if not layer.built:  # what the first call does, done first so the pre-call weights are known
         layer.build(tuple(x.shape), xp=xp, device=array_device(x))

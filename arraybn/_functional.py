@@ -166,10 +166,16 @@ def _decay(momentum: float, dtype: Any, xp: ModuleType, device: Any) -> Any:
     tensor instead: a float64 variable then decays by ``1 - momentum`` unrounded,
     a float32 one by its float32 rounding (the cast), as for a Python float.
     """
+    host = _host_decay(momentum, dtype == xp.float64) if dtype in (xp.float32, xp.float64) else None
+    return host if host is not None else _f32_const(1.0 - momentum, dtype, xp, device)
+
+
+def _host_decay(momentum: Any, float64_variable: bool) -> float | None:
+    """`_decay` as a Python float (None where momentum is not a host number)."""
     value = 1.0 - momentum
-    if dtype == xp.float64 and str(getattr(value, "dtype", "")) == "float64":
+    if float64_variable and str(getattr(value, "dtype", "")) == "float64":
         return float(value)
-    return _f32_const(value, dtype, xp, device)
+    return _host_f32(value)
 
 
 def _updated(state: BNState, **changes: Array) -> BNState:
@@ -696,7 +702,7 @@ def _non_fused(
     plain = vbs is None and not (training and (mask is not None or adjustment is not None or config.renorm))
     if plain and x.dtype == param_dtype and _accelerator.takes_kernels(x, xp):
         update = training and trainable
-        decay = _host_f32(1.0 - config.momentum) if update else 0.0
+        decay = _host_decay(config.momentum, x.dtype == xp.float64) if update else 0.0
         fast = None
         if decay is not None:
             fast = _accelerator.batch_norm(

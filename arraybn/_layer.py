@@ -15,7 +15,7 @@ from . import initializers as _initializers
 from . import regularizers as _regularizers
 from ._backward import layer_backward as _layer_backward
 from ._backward import layer_forward as _layer_forward
-from ._functional import BNConfig, BNParams, BNState, batch_norm
+from ._functional import BNConfig, BNParams, BNState, batch_norm, require_known_sizes
 from ._namespace import (
     array_device,
     array_namespace,
@@ -25,6 +25,7 @@ from ._namespace import (
     is_array,
     is_traced,
     numpy_namespace,
+    stop_gradient,
     stored,
     to_device,
     to_numpy,
@@ -318,7 +319,7 @@ class BatchNormalization:
         if mask is not None and not is_array(mask):  # a list or a scalar, as TF converts it
             mask = array_namespace(inputs).asarray(mask, device=array_device(inputs))
         xp = array_namespace(inputs) if mask is None else array_namespace(inputs, mask)
-        if mask is not None and array_device(mask) != array_device(inputs):
+        if mask is not None and not is_traced(inputs) and array_device(mask) != array_device(inputs):
             msg = (
                 f"The mask is on device {array_device(mask)!r} but the input is on "
                 f"{array_device(inputs)!r}. Put both on the same device."
@@ -364,23 +365,29 @@ class BatchNormalization:
                 xp=xp,
             )
         changed = {k: a for k, a in new_state._asdict().items() if a is not None and a is not v.get(k)}
-        traced = _is_jax(xp) and any(is_traced(a) for a in changed.values())
-        if traced and not any(is_traced(a) for a in v.values()):
+        activity_losses = []
+        if self.activity_regularizer is not None:
+            # Keras: the penalty of the output divided by the batch size
+            require_known_sizes(y.shape[:1], "The activity regularizer's mean over the batch")
+            loss = self.activity_regularizer(y)
+            loss = loss / y.shape[0]
+            if _is_jax(xp):  # a kept JAX value carries no gradient; under jax.grad this is the value
+                loss = stop_gradient(loss)
+            activity_losses = [loss]
+        leaks = [*changed.values(), *activity_losses] if _is_jax(xp) else []
+        if any(is_traced(a) for a in leaks) and not any(is_traced(a) for a in v.values()):
             msg = (
-                f'Layer "{self.name}" was called in training inside a JAX transformation (jax.jit, '
-                "jax.grad, jax.vmap, ...): its moving statistics would become that transformation's "
-                "traced values and leak out of it. Train under a transformation with the functional "
-                "core (arraybn.batch_norm returns the new state), or call the layer eagerly; inference "
-                "calls (training=False) work under transformations."
+                f'Layer "{self.name}" was called inside a JAX transformation (jax.jit, jax.vmap, ...) '
+                "in training, or with an activity regularizer: its moving statistics or its loss would "
+                "become that transformation's traced values and leak out of it. Train under a "
+                "transformation with the functional core (arraybn.batch_norm returns the new state), or "
+                "call the layer eagerly; inference calls without an activity regularizer work under "
+                "transformations."
             )
             raise RuntimeError(msg)
         self._vars = {**v, **{k: stored(a) for k, a in changed.items()}}
         self._config = config  # the numbers read by this call (a later backward uses them)
-        self._activity_losses = []
-        if self.activity_regularizer is not None:
-            # Keras: the penalty of the output divided by the batch size
-            loss = self.activity_regularizer(y)
-            self._activity_losses = [loss / y.shape[0]]
+        self._activity_losses = activity_losses
         return y
 
     def compute_output_shape(self, input_shape: Sequence[Any]) -> tuple[Any, ...]:

@@ -430,7 +430,8 @@ def _request_case(case):
     """The golden record without any expected outputs."""
     out = {k: case[k] for k in ("id", "init_kwargs", "input_shape", "input_dtype", "weights")}
     out["initial_weights"] = case.get("initial_weights")
-    out["calls"] = [{"training": c["training"], "x": c["x"], "mask": c["mask"]} for c in case["calls"]]
+    out["calls"] = [{"training": c["training"], "x": c["x"], "mask": c["mask"], **({"losses": True} if "losses" in c else {})}
+                    for c in case["calls"]]
     st = case.get("step")
     out["step"] = None if st is None else {k: st[k] for k in ("learning_rate", "x", "weights_before", "grads",
                                                                "grad_names")}

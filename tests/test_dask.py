@@ -309,3 +309,27 @@ def test_empty_batch_computes_without_warnings() -> None:
         assert y.compute().shape == shape
         weights = layer.get_weights()
         assert np.isnan(weights[2]).all()  # moving_mean, as TF's
+
+
+def test_unknown_batch_size_in_the_activity_loss_and_the_backward() -> None:
+    """The activity loss divides by the batch size: a clear error, state unchanged (before: a silent
+    NaN loss). An inference backward needs no count and compares unknown sizes as equal."""
+    x = np.random.default_rng(0).standard_normal((20, 3)).astype(np.float32)
+    layer = arraybn.BatchNormalization(activity_regularizer="l2")
+    layer(da.from_array(x), training=True)
+    before = layer.get_weights()
+    with pytest.raises(ValueError, match="compute_chunk_sizes"):
+        layer(_unknown_batch(x), training=True)
+    for a, b in zip(layer.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(a, b)
+    plain = arraybn.BatchNormalization()
+    plain(x, training=True)
+    lazy = arraybn.BatchNormalization()
+    lazy.build((20, 3), xp=da)
+    lazy.set_weights(plain.get_weights())
+    xu = _unknown_batch(x)
+    y, ctx = lazy.forward(xu, training=False)
+    dx, _ = lazy.backward(ctx, da.ones_like(y))
+    _, ref_ctx = plain.forward(x, training=False)
+    ref_dx, _ = plain.backward(ref_ctx, np.ones_like(x))
+    np.testing.assert_allclose(np.asarray(dx.compute()), ref_dx, rtol=1e-6)

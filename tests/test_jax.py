@@ -283,3 +283,34 @@ def test_float64_policy_needs_x64() -> None:
         assert y.dtype == jnp.float64
     finally:
         jax.config.update("jax_enable_x64", enabled)
+
+
+def test_a_concrete_mask_under_a_transformation() -> None:
+    """A mask captured by the traced function is concrete while the input is traced: no device
+    check between them (the tracer has none)."""
+    x = jnp.asarray(_data((16, 5, 3), 0))
+    m = jnp.asarray(_mask((16, 5, 3), 1))
+    layer = arraybn.BatchNormalization(fused=False)
+    layer(x, training=True, mask=m)
+    expected = layer(x, training=False, mask=m)
+    assert_close(jax.jit(lambda v: layer(v, training=False, mask=m))(x), expected, False, "jit")
+    g = jax.grad(lambda v: layer(v, training=True, mask=m).sum())(x)
+    assert np.isfinite(np.asarray(g)).all()
+
+
+def test_activity_loss_under_transformations() -> None:
+    """Under jax.grad the kept loss is its value; under jax.jit it would be a tracer kept on the
+    layer (a leak): RuntimeError, the layer unchanged."""
+    x = jnp.asarray(_data((16, 3), 0))
+    layer, eager = arraybn.BatchNormalization(activity_regularizer="l2"), arraybn.BatchNormalization(
+        activity_regularizer="l2"
+    )
+    jax.grad(lambda v: layer(v, training=True).sum())(x)
+    eager(x, training=True)
+    np.testing.assert_allclose(float(layer.losses[0]), float(eager.losses[0]), rtol=1e-6)
+    before = layer.get_weights()
+    with pytest.raises(RuntimeError, match="activity regularizer"):
+        jax.jit(lambda v: layer(v, training=False))(x)
+    np.testing.assert_allclose(float(layer.losses[0]), float(eager.losses[0]), rtol=1e-6)
+    for a, b in zip(layer.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -145,3 +145,10 @@ def test_bfloat16_needs_a_namespace_that_has_it():
     with pytest.raises(TypeError, match="has no bfloat16 dtype"):
         layer(np.ones((4, 3), dtype=np.float32))
     assert not layer.built
+
+
+def test_forward_of_a_python_number_has_undefined_rank() -> None:
+    layer = arraybn.BatchNormalization()
+    with pytest.raises(ValueError, match="Input has undefined rank"):
+        layer.forward(3.0)
+    assert not layer.built
