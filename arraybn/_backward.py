@@ -43,10 +43,10 @@ from ._functional import (
     mean_over,
     moments,
     renorm_correction,
-    require_known_sizes,
     weighted_moments,
 )
 from ._namespace import array_device, array_namespace, dtype_from_name, float_errors_ignored, is_array
+from ._validation import check_rank_defined, require_known_sizes, unknown_size
 
 Array = Any
 
@@ -231,11 +231,7 @@ def _reshape(v: Array, shape: tuple[int, ...], xp: ModuleType) -> Array:
 
 def _same_shape(a: Sequence[Any], b: Sequence[Any]) -> bool:
     """Equal shapes, an unknown size (dask's NaN, None) matching an unknown one."""
-
-    def unknown(s: Any) -> bool:
-        return s is None or (isinstance(s, float) and math.isnan(s))
-
-    return len(a) == len(b) and all(p == q or (unknown(p) and unknown(q)) for p, q in zip(a, b, strict=True))
+    return len(a) == len(b) and all(p == q or (unknown_size(p) and unknown_size(q)) for p, q in zip(a, b, strict=True))
 
 
 def batch_norm_backward(ctx: BNContext, dy: Array) -> BNGrads:
@@ -486,9 +482,7 @@ def layer_forward(layer: Any, x: Array, training: Any = True, mask: Array | None
     ``adjustment`` returned). Note the default ``training=True``, unlike
     ``layer(x)`` whose ``None`` means inference.
     """
-    if isinstance(x, (bool, int, float)):  # as layer(x): TF's rank-0 ValueError
-        msg = "Input has undefined rank. Received: input_shape=()"
-        raise ValueError(msg)
+    check_rank_defined(x)  # as layer(x) does, before the namespace is asked for
     xp = array_namespace(x) if mask is None else array_namespace(x, mask)
     if not layer.built:  # what the first call does, done first so the pre-call weights are known
         layer.build(tuple(x.shape), xp=xp, device=array_device(x))

@@ -33,6 +33,7 @@ from ._namespace import (
     prefers_blocked_reductions,
     stop_gradient,
 )
+from ._validation import require_known_sizes, unknown_size
 
 Array = Any
 
@@ -188,17 +189,6 @@ def _updated(state: BNState, **changes: Array) -> BNState:
         changes.get("renorm_mean", state.renorm_mean),
         changes.get("renorm_stddev", state.renorm_stddev),
     )
-
-
-def require_known_sizes(shape: Sequence[Any], what: str) -> None:
-    """A clear ``ValueError`` where ``what`` needs sizes that ``shape`` does not know (dask gives NaN
-    after boolean indexing, ``None`` is unknown too)."""
-    if any(s is None or (isinstance(s, float) and math.isnan(s)) for s in shape):
-        msg = (
-            f"{what} needs the input's sizes, but its shape {tuple(shape)} has unknown ones (as dask "
-            "gives after boolean indexing). Compute them first (dask: `x.compute_chunk_sizes()`)."
-        )
-        raise ValueError(msg)
 
 
 def _cast(a: Array, dtype: Any, xp: ModuleType) -> Array:
@@ -591,8 +581,7 @@ def _fused(
     if update:
         require_known_sizes(x.shape, "The fused path's moving variance (Bessel's correction n / (n - 1))")
     n = math.prod([x.shape[i] for i in axes])
-    unknown = isinstance(n, float) and math.isnan(n)  # dask's unknown sizes, only outside an update
-    bessel = 1.0 if unknown else n / max(n - 1, 1)
+    bessel = 1.0 if unknown_size(n) else n / max(n - 1, 1)  # n unknown (dask) only outside an update
     if _accelerator.takes_kernels(xf, xp) and (config.fused_avg_updates or not update):
         momentum = float(config.momentum) if update else 0.0
         keep, mean_factor = _fused_factors(momentum, 1.0) if update else (0.0, 0.0)

@@ -15,7 +15,7 @@ from . import initializers as _initializers
 from . import regularizers as _regularizers
 from ._backward import layer_backward as _layer_backward
 from ._backward import layer_forward as _layer_forward
-from ._functional import BNConfig, BNParams, BNState, batch_norm, require_known_sizes
+from ._functional import BNConfig, BNParams, BNState, batch_norm
 from ._namespace import (
     array_device,
     array_namespace,
@@ -23,6 +23,7 @@ from ._namespace import (
     dtype_from_name,
     float_errors_ignored,
     is_array,
+    is_jax_namespace,
     is_traced,
     numpy_namespace,
     stop_gradient,
@@ -33,10 +34,13 @@ from ._namespace import (
 from ._policy import Policy, get_policy
 from ._validation import (
     check_axis_argument,
+    check_rank_defined,
     check_renorm_clipping,
     check_virtual_batch,
     param_shape,
+    require_known_sizes,
     resolve_fused,
+    unknown_size,
     validate_axis,
 )
 
@@ -236,8 +240,7 @@ class BatchNormalization:
                 f"dtype={self._policy.name!r}. Use 'float32', 'float64', 'mixed_float16', ..."
             )
             raise ValueError(msg)
-        # None: unknown (a Keras Input); so is dask's NaN (unknown chunk sizes)
-        shape = tuple(None if s is None or (isinstance(s, float) and math.isnan(s)) else int(s) for s in input_shape)
+        shape = tuple(None if unknown_size(s) else int(s) for s in input_shape)  # None: unknown
         axes = validate_axis(self.axis, shape)
         undefined = [a for a in axes if shape[a] is None]
         if undefined:
@@ -313,9 +316,7 @@ class BatchNormalization:
     # -------------------------------------------------------------------- call
     def __call__(self, inputs: Array, training: Any = None, mask: Array | None = None) -> Array:
         """Normalize ``inputs``; ``training=None`` means inference (the v1 learning phase 0)."""
-        if isinstance(inputs, (bool, int, float)):  # a Python number: rank 0, TF's ValueError
-            msg = "Input has undefined rank. Received: input_shape=()"
-            raise ValueError(msg)
+        check_rank_defined(inputs)
         if mask is not None and not is_array(mask):  # a list or a scalar, as TF converts it
             mask = array_namespace(inputs).asarray(mask, device=array_device(inputs))
         xp = array_namespace(inputs) if mask is None else array_namespace(inputs, mask)
@@ -371,10 +372,10 @@ class BatchNormalization:
             require_known_sizes(y.shape[:1], "The activity regularizer's mean over the batch")
             loss = self.activity_regularizer(y)
             loss = loss / y.shape[0]
-            if _is_jax(xp):  # a kept JAX value carries no gradient; under jax.grad this is the value
+            if is_jax_namespace(xp):  # a kept JAX value carries no gradient; under jax.grad this is the value
                 loss = stop_gradient(loss)
             activity_losses = [loss]
-        leaks = [*changed.values(), *activity_losses] if _is_jax(xp) else []
+        leaks = [*changed.values(), *activity_losses] if is_jax_namespace(xp) else []
         if any(is_traced(a) for a in leaks) and not any(is_traced(a) for a in v.values()):
             msg = (
                 f'Layer "{self.name}" was called inside a JAX transformation (jax.jit, jax.vmap, ...) '
@@ -467,8 +468,8 @@ class BatchNormalization:
                 "copies between libraries silently), or build a separate layer."
             )
             raise TypeError(msg)
-        traced_input = _is_jax(xp) and is_traced(inputs)
-        if _is_jax(xp) and not traced_input and any(is_traced(a) for a in self._vars.values()):
+        traced_input = is_jax_namespace(xp) and is_traced(inputs)
+        if is_jax_namespace(xp) and not traced_input and any(is_traced(a) for a in self._vars.values()):
             msg = (
                 f'Layer "{self.name}" holds traced JAX values as weights: it was built or trained inside '
                 "a JAX transformation (jax.jit, jax.grad, ...) that has ended. Build the layer with an "
@@ -693,11 +694,6 @@ def _training_value(training: Any) -> bool:
         msg = f"`pred` must be a Tensor, or a Python bool, or 1 or 0. Received: {type(training)}"
         raise TypeError(msg)
     return bool(training)
-
-
-def _is_jax(xp: ModuleType) -> bool:
-    """JAX's namespace: the only one whose arrays may be tracers of a transformation."""
-    return xp.__name__.startswith("jax")
 
 
 def _to_namespace(w: Any, xp: ModuleType, dtype: Any, device: Any) -> Array:

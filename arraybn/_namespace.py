@@ -25,6 +25,7 @@ __all__ = [
     "is_array",
     "is_compiling",
     "is_cupy_array",
+    "is_jax_namespace",
     "is_traced",
     "multiply_into",
     "numpy_namespace",
@@ -100,6 +101,11 @@ def is_traced(x: Any) -> bool:
     return isinstance(x, jax.core.Tracer)
 
 
+def is_jax_namespace(xp: ModuleType) -> bool:
+    """JAX's namespace: the only one whose arrays may be tracers of a transformation."""
+    return xp.__name__.startswith("jax")
+
+
 def is_compiling(x: Any) -> bool:
     """True for a torch tensor that ``torch.compile`` is tracing (its sizes may be symbolic there)."""
     if not array_api_compat.is_torch_array(x):
@@ -117,11 +123,10 @@ def stored(x: Any) -> Any:
         return x
     import sys
 
-    torch = sys.modules["torch"]
     if x.requires_grad:
         x = x.detach()
-    if not torch.compiler.is_compiling() and x.is_inference():
-        with torch.inference_mode(False):
+    if not is_compiling(x) and x.is_inference():
+        with sys.modules["torch"].inference_mode(False):
             x = x.clone()
     return x
 
@@ -133,13 +138,10 @@ def prefers_blocked_reductions(x: Any) -> bool:
     else (GPUs, dask, JAX, compilers) the plain two-pass form is better.
     Decided from types and devices only: no array value is read.
     """
-    import sys
-
     if array_api_compat.is_numpy_array(x):
         return True
     if array_api_compat.is_torch_array(x):
-        torch = sys.modules["torch"]
-        return x.device.type == "cpu" and not torch.compiler.is_compiling()
+        return x.device.type == "cpu" and not is_compiling(x)
     return False
 
 
@@ -239,7 +241,7 @@ def optional_dtype(xp: ModuleType, name: str) -> Any:
 def dtype_from_name(xp: ModuleType, name: str) -> Any:
     """The dtype object of ``xp`` called ``name``; a clear error where ``xp`` lacks it."""
     dtype = optional_dtype(xp, name)
-    if name == "float64" and xp.__name__.startswith("jax"):
+    if name == "float64" and is_jax_namespace(xp):
         import jax
 
         if not jax.config.read("jax_enable_x64"):  # JAX would make float32 arrays, with a warning

@@ -6,16 +6,20 @@ received and what is allowed.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 __all__ = [
     "check_axis_argument",
+    "check_rank_defined",
     "check_renorm_clipping",
     "check_virtual_batch",
     "fused_can_be_used",
     "param_shape",
+    "require_known_sizes",
     "resolve_fused",
+    "unknown_size",
     "validate_axis",
 ]
 
@@ -46,12 +50,37 @@ def check_renorm_clipping(renorm_clipping: Any) -> dict[str, Any]:
     return dict(clipping)
 
 
+def _undefined_rank(shape: Sequence[Any]) -> ValueError:
+    return ValueError(f"Input has undefined rank. Received: input_shape={tuple(shape)}")
+
+
+def check_rank_defined(x: Any) -> None:
+    """A Python number as the input: TF converts it to a rank-0 tensor and raises its ValueError."""
+    if isinstance(x, (bool, int, float)):
+        raise _undefined_rank(())
+
+
+def unknown_size(s: Any) -> bool:
+    """An unknown size: ``None`` (a Keras ``Input``) or dask's NaN (unknown chunk sizes)."""
+    return s is None or (isinstance(s, float) and math.isnan(s))
+
+
+def require_known_sizes(shape: Sequence[Any], what: str) -> None:
+    """A clear ``ValueError`` where ``what`` needs sizes that ``shape`` does not know (dask gives NaN
+    after boolean indexing, ``None`` is unknown too)."""
+    if any(unknown_size(s) for s in shape):
+        msg = (
+            f"{what} needs the input's sizes, but its shape {tuple(shape)} has unknown ones (as dask "
+            "gives after boolean indexing). Compute them first (dask: `x.compute_chunk_sizes()`)."
+        )
+        raise ValueError(msg)
+
+
 def validate_axis(axis: int | Sequence[int], shape: Sequence[int]) -> list[int]:
     """``tf_utils.validate_axis``: normalize negatives, check range and duplicates."""
     rank = len(shape)
     if not rank:
-        msg = f"Input has undefined rank. Received: input_shape={tuple(shape)}"
-        raise ValueError(msg)
+        raise _undefined_rank(shape)
     axes = [axis] if isinstance(axis, int) else list(axis)
     for i, a in enumerate(axes):
         if a < 0:
