@@ -7,10 +7,11 @@ array library.
 """
 
 from . import constraints, initializers, regularizers
-from ._backward import BNContext, BNGrads, batch_norm_backward, batch_norm_forward, batch_norm_vjp
-from ._functional import BNConfig, BNParams, BNState, batch_norm
+from ._functional import batch_norm, batch_norm_backward, batch_norm_forward, batch_norm_vjp
 from ._layer import BatchNormalization
 from ._policy import Policy
+from ._schedules import available_schedules, get_schedule, schedule
+from ._types import BNConfig, BNContext, BNGrads, BNParams, BNState
 
 __version__ = "0.1.0"
 
@@ -23,11 +24,14 @@ __all__ = [
     "BatchNormalization",
     "Policy",
     "__version__",
+    "available_schedules",
     "batch_norm",
     "batch_norm_backward",
     "batch_norm_forward",
     "batch_norm_vjp",
     "constraints",
+    "get_schedule",
     "initializers",
     "regularizers",
+    "schedule",
 ]

@@ -15,7 +15,8 @@ from . import initializers as _initializers
 from . import regularizers as _regularizers
 from ._backward import layer_backward as _layer_backward
 from ._backward import layer_forward as _layer_forward
-from ._functional import BNConfig, BNParams, BNState, batch_norm
+from ._functional import batch_norm
+from ._types import BNConfig, BNParams, BNState
 from ._namespace import (
     array_device,
     array_namespace,

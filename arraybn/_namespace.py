@@ -19,24 +19,24 @@ __all__ = [
     "array_namespace",
     "compat_namespace",
     "dtype_from_name",
-    "dtype_name",
     "float_error_settings",
     "float_errors_ignored",
     "is_array",
     "is_compiling",
     "is_cupy_array",
+    "is_numpy_array",
     "is_jax_namespace",
     "is_traced",
     "multiply_into",
     "numpy_namespace",
     "optional_dtype",
-    "prefers_blocked_reductions",
     "stop_gradient",
     "stored",
     "streams_through_cache",
     "subtract_into",
     "to_device",
     "to_numpy",
+    "wider_float",
 ]
 
 _FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
@@ -131,18 +131,9 @@ def stored(x: Any) -> Any:
     return x
 
 
-def prefers_blocked_reductions(x: Any) -> bool:
-    """True for eager arrays in CPU memory (NumPy, torch on CPU outside ``torch.compile``).
-
-    There, reducing cache-sized slices saves a trip through memory; anywhere
-    else (GPUs, dask, JAX, compilers) the plain two-pass form is better.
-    Decided from types and devices only: no array value is read.
-    """
-    if array_api_compat.is_numpy_array(x):
-        return True
-    if array_api_compat.is_torch_array(x):
-        return x.device.type == "cpu" and not is_compiling(x)
-    return False
+def is_numpy_array(x: Any) -> bool:
+    """True for a NumPy array (from its type)."""
+    return bool(array_api_compat.is_numpy_array(x))
 
 
 def is_cupy_array(x: Any) -> bool:
@@ -151,7 +142,7 @@ def is_cupy_array(x: Any) -> bool:
 
 
 def streams_through_cache(x: Any) -> bool:
-    """True where arraybn's cache-blocked CPU schedule (``arraybn._streaming``) pays off.
+    """True where arraybn's cache-blocked CPU schedule (``arraybn._schedules.numpy_blocked``) pays off.
 
     Eager, C-contiguous NumPy arrays: there a reshape is a view, a slice of
     the result can be written in place, ``matmul`` runs in BLAS, and NumPy's
@@ -219,15 +210,6 @@ def numpy_namespace() -> ModuleType:
     return array_api_compat.array_namespace(np.empty(0))
 
 
-def dtype_name(xp: ModuleType, dtype: Any) -> str:
-    """Name of a floating dtype of ``xp`` ('float32', ...), or ``str(dtype)``."""
-    for name in _FLOAT_NAMES:
-        candidate = getattr(xp, name, None)
-        if candidate is not None and dtype == candidate:
-            return name
-    return str(dtype)
-
-
 def optional_dtype(xp: ModuleType, name: str) -> Any:
     """The dtype of ``xp`` called ``name``, or None where ``xp`` has none (the standard has no 16-bit floats)."""
     dtype = getattr(xp, name, None)
@@ -236,6 +218,24 @@ def optional_dtype(xp: ModuleType, name: str) -> Any:
 
         dtype = np.dtype(name)
     return dtype
+
+
+def wider_float(xp: ModuleType, dtype: Any, device: Any) -> Any:
+    """float64 where ``dtype`` is float32 and ``xp`` computes float64 on ``device``, else None.
+
+    JAX computes float64 only with ``jax_enable_x64``; torch has no float64 on
+    Apple's MPS devices.
+    """
+    if dtype != getattr(xp, "float32", None):
+        return None
+    if is_jax_namespace(xp):
+        import jax
+
+        if not jax.config.read("jax_enable_x64"):
+            return None
+    if getattr(device, "type", None) == "mps":
+        return None
+    return getattr(xp, "float64", None)
 
 
 def dtype_from_name(xp: ModuleType, name: str) -> Any:

@@ -156,3 +156,68 @@ def param_shape(shape: Sequence[int], axes: Sequence[int], virtual_batch_size: A
     if virtual_batch_size is not None:
         out.insert(1, 1)
     return tuple(out)
+
+
+def check_ghost_batches(virtual_batch_size: Any, shape: Sequence[Any], training: bool) -> None:
+    """A call's ghost batches (§8): an integer ``virtual_batch_size`` that divides the batch in training."""
+    if not isinstance(virtual_batch_size, int) or isinstance(virtual_batch_size, bool):
+        msg = f"virtual_batch_size must be an integer; received virtual_batch_size={virtual_batch_size!r}."
+        raise ValueError(msg)
+    require_known_sizes(shape, "virtual_batch_size (the ghost batches' reshape)")
+    batch = shape[0]
+    if training and batch % virtual_batch_size != 0:
+        msg = (
+            f"virtual_batch_size={virtual_batch_size} must divide the batch size, but the input has "
+            f"batch size {batch} (shape {tuple(shape)}). Use a batch whose size is a multiple of "
+            f"{virtual_batch_size}."
+        )
+        raise ValueError(msg)
+
+
+def _broadcast_shapes(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    n = max(len(a), len(b))
+    a = (1,) * (n - len(a)) + a
+    b = (1,) * (n - len(b)) + b
+    out = []
+    for p, q in zip(a, b, strict=True):
+        if p != q and p != 1 and q != 1:
+            msg = f"shapes {a} and {b} do not broadcast"
+            raise ValueError(msg)
+        out.append(q if p == 1 else p)
+    return tuple(out)
+
+
+def check_mask_broadcasts(mask_shape: tuple[Any, ...], x_shape: tuple[Any, ...]) -> None:
+    """The mask, with TF's trailing axis added (``expand_dims(mask, -1)``), must broadcast to the input's shape."""
+    require_known_sizes((*mask_shape, *x_shape), "A mask (its broadcast against the input)")
+    try:
+        if _broadcast_shapes((*mask_shape, 1), x_shape) != x_shape:
+            msg = "the broadcast result is larger than the input"
+            raise ValueError(msg)
+    except ValueError as err:
+        msg = (
+            f"The mask of shape {mask_shape} does not broadcast against the input of shape "
+            f"{x_shape} once a trailing axis is added (TensorFlow expands the mask with "
+            "expand_dims(mask, -1)). Pass a mask of the input's shape without its last axis."
+        )
+        raise ValueError(msg) from err
+
+
+def same_shape(a: Sequence[Any], b: Sequence[Any]) -> bool:
+    """Equal shapes, an unknown size (dask's NaN, None) matching an unknown one."""
+    return len(a) == len(b) and all(p == q or (unknown_size(p) and unknown_size(q)) for p, q in zip(a, b, strict=True))
+
+
+def check_vjp_arguments(dy: Any, x: Any, xp: Any, *, training: bool) -> None:
+    """The backward's upstream gradient: an array of the forward's library, of the input's shape."""
+    from ._namespace import array_namespace, is_array  # the namespace helpers import array-api-compat
+
+    if not is_array(dy) or array_namespace(dy).__name__ != xp.__name__:
+        kind = f"{type(dy).__module__}.{type(dy).__name__}"
+        msg = f"dy must be an array of the forward's library ({xp.__name__}); got {kind}. Convert it first."
+        raise TypeError(msg)
+    if training:
+        require_known_sizes(x.shape, "The backward of a training call (its counts per statistic)")
+    if not same_shape(dy.shape, x.shape):
+        msg = f"dy has shape {tuple(dy.shape)} but the forward's input had shape {tuple(x.shape)}; they must match."
+        raise ValueError(msg)

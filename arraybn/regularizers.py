@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ._functional import float32_value
+from ._reference import float32_value
 from ._namespace import array_device, array_namespace
 from ._serialization import Registry
 

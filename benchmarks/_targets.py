@@ -41,7 +41,7 @@ class Target:
 def find_vjp() -> tuple[str, Any] | None:
     """arraybn's analytic backward, where the installed arraybn has one.
 
-    Looked for in ``arraybn`` and then ``arraybn._backward``: the pair
+    Looked for in ``arraybn``: the pair
     ``batch_norm_forward(x, params, state, *, training, config) -> (y, new_state, ctx)``
     / ``batch_norm_backward(ctx, dy) -> (dx, dgamma, dbeta)``, else
     ``batch_norm_vjp(x, params, state, dy, *, training, config)`` after a
@@ -52,7 +52,7 @@ def find_vjp() -> tuple[str, Any] | None:
 
     import arraybn
 
-    for mod_name in ("arraybn", "arraybn._backward"):
+    for mod_name in ("arraybn",):
         try:
             mod = importlib.import_module(mod_name)
         except ImportError:

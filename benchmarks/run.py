@@ -174,7 +174,7 @@ def _versions() -> dict[str, str]:
         m = sys.modules.get(mod)
         if m is not None:
             out[mod] = str(getattr(m, "__version__", "?"))
-    streaming = sys.modules.get("arraybn._streaming")
+    streaming = sys.modules.get("arraybn._schedules.numpy_blocked")
     if streaming is not None:  # arraybn's blocked CPU passes (NumPy) run on this many threads
         out["arraybn CPU threads (ARRAYBN_NUM_THREADS)"] = str(streaming.thread_count())
     return out

@@ -49,9 +49,6 @@ DEFECT_PATTERNS = [
     r"cannot compute \w+ as input #\d+",
 ]
 
-LEARNING_RATE = 0.1
-
-
 # --------------------------------------------------------------------------- #
 # TensorFlow setup (only in worker processes)
 # --------------------------------------------------------------------------- #

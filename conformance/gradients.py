@@ -478,8 +478,7 @@ def to_backend(a: np.ndarray, xp: Any, device: Any = None) -> Any:
 
 def run_case(case: dict[str, Any], arrays: dict[str, np.ndarray], xp: Any, device: Any = None) -> dict[str, Any]:
     """arraybn's ``y`` and VJP for a case (``batch_norm_forward`` + ``batch_norm_backward``), as NumPy."""
-    from arraybn._backward import batch_norm_backward, batch_norm_forward
-    from arraybn._functional import BNParams, BNState
+    from arraybn import BNParams, BNState, batch_norm_backward, batch_norm_forward
     from arraybn._namespace import to_numpy
 
     layer = build_layer(case, arrays, xp, device)

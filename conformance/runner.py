@@ -135,11 +135,6 @@ def bf16_bits_to_f32(bits):
     return (np.asarray(bits, np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
-def f32_to_bf16_bits(x):
-    bits = np.asarray(x, np.float32).view(np.uint32)
-    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-
-
 def golden_values(chunk, case, ref):
     """Float view of a golden array (bf16 decoded)."""
     a = chunk.arr(ref)

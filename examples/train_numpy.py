@@ -1,7 +1,7 @@
 """Train a tiny model on NumPy with arraybn's backward pass: linear -> BatchNormalization -> squared loss.
 
 No autodiff library: the linear layer's gradient is written by hand and the
-batch normalization's comes from ``layer_backward``. After each SGD step the
+batch normalization's comes from ``layer.backward``. After each SGD step the
 layer's constraints are applied (``gamma_constraint="non_neg"``), as Keras's
 optimizer does. Run with ``python examples/train_numpy.py``; the loss goes down.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 import numpy as np
 
 import arraybn
-from arraybn._backward import layer_backward, layer_forward
 
 
 def main(steps: int = 30, batch: int = 32, lr: float = 0.1, lr_linear: float = 1.0, seed: int = 0) -> list[float]:
@@ -26,13 +25,13 @@ def main(steps: int = 30, batch: int = 32, lr: float = 0.1, lr_linear: float = 1
         target = np.tanh(x @ true_w) * 2.0 + 0.5  # the model must learn gamma ~ scale, beta ~ shift
 
         h = x @ w  # linear layer
-        y, ctx = layer_forward(bn, h, training=True)  # updates the moving statistics like bn(h, training=True)
+        y, ctx = bn.forward(h, training=True)  # updates the moving statistics like bn(h, training=True)
         diff = y - target
         loss = float(np.mean(diff * diff))
         losses.append(loss)
 
         dy = 2.0 * diff / diff.size  # d loss / d y
-        dh, grads = layer_backward(bn, ctx, dy)
+        dh, grads = bn.backward(ctx, dy)
         dw = x.T @ dh
 
         w -= lr_linear * dw

@@ -1,6 +1,6 @@
-"""The GPU schedule (``arraybn._accelerator``): same results as the plain expressions.
+"""The GPU schedule (``cupy-kernels``, ``arraybn._schedules.cupy_kernels``): same results as the reference.
 
-* ``channel_sums`` / ``channel_moments`` are plain Array API code: they are
+* ``channel_sums`` / ``channel_raw_moments`` are plain Array API code: they are
   checked on every CPU backend against a float64 reference (CuPy runs the
   same checks when present), including inputs with a large mean;
 * which arrays take the schedule is decided from types, shapes and settings
@@ -25,7 +25,7 @@ import pytest
 from conftest import EPS32, Backend, assert_close
 
 import arraybn
-from arraybn import _accelerator
+from arraybn._schedules import cupy_kernels as _accelerator
 from arraybn._namespace import to_numpy
 
 GPU_BACKENDS = [Backend.CUPY, Backend.TORCH_CUDA]
@@ -61,7 +61,8 @@ def _reference(x: np.ndarray, channel: int) -> tuple[np.ndarray, np.ndarray]:
 def test_channel_moments_match_float64_two_pass(shape, channel, dtype, xp, asarray) -> None:  # type: ignore[no-untyped-def]
     x = _data(shape, 1, dtype, mean=1000.0)  # a large mean: the second pass must be centred
     sums = to_numpy(_accelerator.channel_sums(asarray(x), channel, xp))
-    mean, variance = (to_numpy(v) for v in _accelerator.channel_moments(asarray(x), channel, xp))
+    raw_sums, squares, n = _accelerator.channel_raw_moments(asarray(x), channel, xp)
+    mean, variance = to_numpy(raw_sums / float(n)), to_numpy(squares / float(n))
     ref_mean, ref_var = _reference(x, channel)
     assert sums.dtype == mean.dtype == variance.dtype == dtype
     eps = float(np.finfo(dtype).eps)
@@ -175,7 +176,7 @@ def test_cupy_schedule_passes_the_goldens(backend, xp, device, backend_name, mon
 
     Every 4th case of each group (about 2000): the whole set runs through the
     plain path in test_conformance.py already; ``python -m conformance`` with
-    ``arraybn._accelerator._MIN_BYTES = 0`` runs them all (docs/performance.md).
+    ``arraybn._schedules.cupy_kernels._MIN_BYTES = 0`` runs them all (docs/performance.md).
     """
     from conformance import runner
 

@@ -2,7 +2,7 @@
 
 Differentiating `arraybn.batch_norm` with the namespace's own autodiff (no
 VJP from arraybn) reproduces the gradient goldens and agrees with
-`arraybn._backward.batch_norm_backward`, so torch and JAX users need no VJP.
+`arraybn.batch_norm_backward`, so torch and JAX users need no VJP.
 
 Renorm's ``r`` and ``d``, which TensorFlow wraps in ``tf.stop_gradient``, are
 held constant by the forward too (torch's ``detach``, JAX's
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from arraybn import BNParams, BNState, batch_norm
-from arraybn._backward import batch_norm_backward, batch_norm_forward
+from arraybn import batch_norm_backward, batch_norm_forward
 from conformance import gradients as G
 
 @functools.lru_cache(maxsize=1)

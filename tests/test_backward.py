@@ -1,4 +1,4 @@
-"""The backward pass (``arraybn._backward``): TensorFlow's gradients on every namespace.
+"""The backward pass (``arraybn._reference.batch_norm_vjp``): TensorFlow's gradients on every namespace.
 
 * the gradient goldens (``conformance/goldens_grad``, recorded with
   ``tf.GradientTape`` on tf-keras's v1 layer) pass on every backend of
@@ -21,15 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import arraybn
-from arraybn import BNConfig, BNParams, BNState, batch_norm
-from arraybn._backward import (
-    BNGrads,
-    batch_norm_backward,
-    batch_norm_forward,
-    batch_norm_vjp,
-    layer_backward,
-    layer_forward,
-)
+from arraybn import BNConfig, BNGrads, BNParams, BNState, batch_norm, batch_norm_backward, batch_norm_forward, batch_norm_vjp
+from arraybn._backward import layer_backward, layer_forward
 from arraybn._namespace import numpy_namespace, to_numpy
 from arraybn._validation import param_shape
 from conformance import gradients as G
@@ -212,7 +205,7 @@ def _setup(pb: dict[str, Any]) -> dict[str, Any]:
 def _frozen_renorm(s: dict[str, Any]) -> tuple[BNConfig, Any]:
     """The renorm forward with ``r``, ``d`` held at their values (TF's stop_gradient):
     renorm off, and the adjustment ``(r * a, d * a + b)`` in its place."""
-    from arraybn._functional import moments, renorm_correction, weighted_moments
+    from arraybn._reference import moments, renorm_correction, weighted_moments
 
     config = s["config"]
     if not config.renorm or not s["training"]:

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import arraybn
 from arraybn import BNConfig, BNParams, BNState, batch_norm
-from arraybn._functional import assign_moving_average, moments, normalize, weighted_moments
+from arraybn._reference import REFERENCE, assign_moving_average, moments, weighted_moments
 from arraybn._namespace import to_numpy
 
 PROPS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -39,6 +39,12 @@ def test_weighted_moments_div_no_nan(xp, asarray):  # type: ignore[no-untyped-de
     m, v = weighted_moments(asarray(x, xp.float64), [0], asarray(np.zeros((4, 1)), xp.float64), xp=xp)
     np.testing.assert_array_equal(_np(m), np.zeros((1, 3)))
     np.testing.assert_array_equal(_np(v), np.zeros((1, 3)))
+
+
+def normalize(x, mean, variance, offset, scale, epsilon, *, xp):  # type: ignore[no-untyped-def]
+    """``tf.nn.batch_normalization``: the reference's non-fused coefficients, then its scale-and-shift."""
+    c = REFERENCE.coefficients("non_fused", mean, variance, scale, offset, epsilon, None, xp)
+    return REFERENCE.affine(x, c.scale, c.shift, c.center, xp)
 
 
 def test_normalize_and_moving_average(xp, asarray):  # type: ignore[no-untyped-def]

@@ -2,12 +2,14 @@
 
 The kernel source also builds for the host with a C++ compiler (one thread
 doing every element, the same rounded operations). Built that way it is run
-here through ``arraybn._accelerator.batch_norm`` itself, with NumPy standing in
-for CuPy (its launcher, argument order and types checked against the kernels'
-C signatures), and whole layers are compared **bit for bit** with the Array
-API code on NumPy: fused and non-fused rules, float32 and float64, with and
-without gamma/beta, training and inference, frozen layers, several axes, a
-16-bit input, NaN and infinities.
+here through the ``cupy-kernels`` schedule itself
+(``arraybn._schedules.cupy_kernels.CupyKernels``), with NumPy standing in for
+CuPy (its launcher, argument order and types checked against the kernels' C
+signatures), and whole layers are compared **bit for bit** with the
+reference's coefficients and scale-and-shift (the same sums on both sides):
+fused and non-fused rules, float32 and float64, with and without gamma/beta,
+training and inference, frozen layers, several axes, a 16-bit input, NaN and
+infinities.
 
 The CUDA build is checked with ``nvcc`` where the CUDA toolkit is installed:
 it compiles, and no multiply-add was contracted into an FMA (which would round
@@ -17,6 +19,7 @@ runs the same kernels on CuPy.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import re
 import shutil
@@ -31,8 +34,10 @@ import pytest
 from conftest import Backend, assert_close
 
 import arraybn
-from arraybn import _accelerator
+from arraybn import _functional
 from arraybn._namespace import array_device, array_namespace, to_numpy
+from arraybn._reference import Ops
+from arraybn._schedules import cupy_kernels as _accelerator
 
 SOURCE = Path(_accelerator.__file__).with_name("_kernels.cu")
 KERNELS = ("arraybn_fused_coefficients", "arraybn_coefficients")
@@ -109,7 +114,16 @@ def host_library(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
 
 
 def _elementwise(name: str) -> Any:
-    """NumPy stand-ins for the two CuPy elementwise kernels (bit-identical on CuPy: test_accelerator.py)."""
+    """NumPy stand-ins for the CuPy elementwise kernels (bit-identical on CuPy: test_accelerator.py)."""
+    if name == "centred_multiply_add":
+
+        def centred_multiply_add(x: np.ndarray, c: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+            y = x - c
+            y *= a
+            y += b
+            return y
+
+        return centred_multiply_add
     if name == "multiply_add":
 
         def multiply_add(x: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -146,7 +160,35 @@ def numpy_as_cupy(host_library: ctypes.CDLL, monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setitem(sys.modules, "cupy", fake)
     monkeypatch.setattr(_accelerator, "_kernel", kernel)
     monkeypatch.setattr(_accelerator, "takes_kernels", lambda x, xp: x.dtype in (np.float32, np.float64) and x.size > 0)
+    monkeypatch.setattr(_accelerator, "is_cupy_array", lambda a: isinstance(a, np.ndarray))
+    monkeypatch.setattr(_accelerator, "_device_of", lambda x: contextlib.nullcontext())
+    monkeypatch.setattr(_accelerator, "_ones", lambda n, x, xp: np.ones(n, x.dtype))
+    monkeypatch.setattr(_functional, "select", lambda x, xp: _accelerator.CupyKernels())
     return kernels
+
+
+class _SameSums(Ops):
+    """The reference's coefficients and scale-and-shift on the cupy-kernels schedule's sums: what the
+    kernels must reproduce bit for bit (the sums' order is the one thing a schedule may change)."""
+
+    name = "reference with the cupy-kernels sums"
+    sum = _accelerator.CupyKernels.sum
+    moments = _accelerator.CupyKernels.moments
+
+
+def _plain_context() -> Any:
+    """A context in which calls take `_SameSums`."""
+    mp = pytest.MonkeyPatch()
+    mp.setattr(_functional, "select", lambda x, xp: _SameSums())
+    return contextlib.closing(_Undo(mp))
+
+
+class _Undo:
+    def __init__(self, mp: pytest.MonkeyPatch) -> None:
+        self.mp = mp
+
+    def close(self) -> None:
+        self.mp.undo()
 
 
 # ---------------------------------------------------------------------------
@@ -180,6 +222,7 @@ def _steps(
     asarray: Any = np.asarray,
     weights: list[np.ndarray] | None = None,
     inputs: list[np.ndarray] | None = None,
+    call_kwargs: dict[str, Any] | None = None,
 ) -> None:
     """Train twice, then infer, with the kernels and with the Array API code; same bits every time.
 
@@ -187,6 +230,7 @@ def _steps(
     The weights start random (``weights`` where given): gamma 1, beta 0 and the
     initial moving statistics would hide operations done in another order.
     """
+    call_kwargs = call_kwargs or {}
     fast = arraybn.BatchNormalization(**kwargs)
     plain = arraybn.BatchNormalization(**kwargs)
     inputs = inputs or [_data(shape, seed, dtype, mean=seed) for seed in range(3)]
@@ -199,12 +243,12 @@ def _steps(
     fast.set_weights(weights)
     plain.set_weights(weights)
     for step, (x, training) in enumerate(zip(inputs, (True, True, False), strict=True)):
-        before = launches()
-        y = fast(asarray(x), training=training)
-        assert launches() == before + 1, "the kernel path was not taken"
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(_accelerator, "batch_norm", lambda *a, **k: None)  # the Array API code
-            y_plain = plain(asarray(x), training=training)
+        before = launches() if launches is not None else 0
+        y = fast(asarray(x), training=training, **call_kwargs)
+        if launches is not None:
+            assert launches() == before + 1, "the kernel path was not taken"
+        with _plain_context():  # the reference's arithmetic on the same sums
+            y_plain = plain(asarray(x), training=training, **call_kwargs)
         _assert_same_bits(to_numpy(y), to_numpy(y_plain), f"output, step {step}")
         _assert_same_layers(fast, plain, f"step {step}")
 
@@ -281,10 +325,9 @@ def test_special_values_keep_their_bits(numpy_as_cupy) -> None:  # type: ignore[
         _steps(kwargs, shape, np.float32, _host_launches(numpy_as_cupy), weights=weights, inputs=[x, x[::-1].copy(), x])
 
 
-def test_statistics_given_as_sums_are_divided_in_the_kernel(numpy_as_cupy, host_library) -> None:  # type: ignore[no-untyped-def]
-    """The matmul schedule hands the kernels raw sums and their count: the mean is ``sum / n``
-    rounded once, as the Array API's ``sum / n``; whole layers agree with the plain schedule to
-    the rounding of the sums' order."""
+def test_matmul_sums_agree_with_the_reduction(numpy_as_cupy) -> None:  # type: ignore[no-untyped-def]
+    """Channels-last CuPy data of 1 MiB and more is summed by a matrix-vector product: whole layers
+    agree with the reduction's sums to the rounding of the sums' order."""
     # 1 MiB channels last: the matmul sums; and channels in the middle as many as the last axis
     # (the last axis is reduced there: no matmul sums even where they are offered)
     for shape, kwargs in [
@@ -298,56 +341,37 @@ def test_statistics_given_as_sums_are_divided_in_the_kernel(numpy_as_cupy, host_
             with pytest.MonkeyPatch.context() as mp:
                 mp.setattr(_accelerator, "uses_matmul_sums", lambda x, channel, xp: True)
                 y = fast(x, training=True)
-            assert_close(y, plain(x, training=True), False, f"{kwargs}, step {step}")
+            with _plain_context():
+                y_plain = plain(x, training=True)
+            assert_close(y, y_plain, False, f"{kwargs}, step {step}")
             for w, ref in zip(fast.get_weights(), plain.get_weights(), strict=True):
                 assert_close(w, ref, False, f"{kwargs}, step {step}: weights")
 
-    # the division itself: per-channel outputs from (sum, squares, n) are those from (sum/n, squares/n, 1)
-    rng = np.random.default_rng(7)
-    p, n = 33, 100003  # not a power of two (the divisions round), below 2**24 (float32(n) is n)
-    sums = (rng.standard_normal(p) * n).astype(np.float32)
-    squares = (rng.uniform(0.1, 4.0, p) * n).astype(np.float32)
-    args = [rng.standard_normal(p).astype(np.float32) for _ in range(3)] + [rng.uniform(0.5, 2, p).astype(np.float32)]
-    kernel = _HostKernel(host_library, "arraybn_coefficients_f32")
-    outs = []
-    for s, q, count in ((sums, squares, np.float32(n)), (sums / np.float32(n), squares / np.float32(n), np.float32(1))):
-        out = [np.empty(p, np.float32) for _ in range(4)]
-        kernel((1,), (128,), (np.int64(p), np.int32(7), s, q, count, *args, np.float32(1e-3), np.float32(0.01), *out))
-        outs.append(out)
-    for a, b in zip(*outs, strict=True):
-        _assert_same_bits(a, b, "sums divided in the kernel")
+
+def test_renorm_ghost_batches_masks_and_adjustments_keep_the_bits(numpy_as_cupy) -> None:  # type: ignore[no-untyped-def]
+    """Where the per-channel kernel computes only the output's coefficients (renorm, masks and
+    adjustments move the statistics their own way) or nothing (a ghost batch's statistics per ghost
+    batch), the layers still give the reference's bits."""
+    shape = (8, 4, 4, 6)
+    for kwargs, extra in [
+        ({"renorm": True, "renorm_clipping": {"rmax": 1.5, "dmax": 0.5}}, {}),
+        ({"virtual_batch_size": 4}, {}),
+        ({"fused": False}, {"mask": np.arange(128).reshape(8, 4, 4) % 3 > 0}),
+        ({"adjustment": lambda shape: (0.5, 0.25)}, {}),
+    ]:
+        _steps(kwargs, shape, np.float32, None, call_kwargs=extra)
+    assert numpy_as_cupy  # the kernel ran
 
 
 def test_no_kernel_for_what_the_kernels_do_not_cover(numpy_as_cupy) -> None:  # type: ignore[no-untyped-def]
-    """Renorm, ghost batches, masks, adjustments and float64 fused inputs run the Array API code."""
-    x = _data((8, 4, 4, 6), 0, np.float32)
-    for kwargs, extra in [
-        ({"renorm": True}, {}),
-        ({"virtual_batch_size": 4}, {}),
-        ({"fused": False}, {"mask": np.ones((8, 4, 4), bool)}),
-        ({"adjustment": lambda shape: (0.5, 0.25)}, {}),
-    ]:
-        layer = arraybn.BatchNormalization(**kwargs)
-        layer(x, training=True, **extra)
-        assert not numpy_as_cupy, f"{kwargs}: a kernel ran"
-    assert (
-        _accelerator.batch_norm(
-            x.astype(np.float64),
-            None,
-            None,
-            np.zeros(6),
-            np.ones(6),
-            axes=(0, 1, 2),
-            fused=True,
-            training=True,
-            update=False,
-            epsilon=1e-3,
-            factors=(0.0, 0.0, 0.0),
-            xp=np,
-        )
-        is None
-    )
-    assert not numpy_as_cupy
+    """The fused rule is float32 only (TF's kernel): float64 vectors take the reference's arithmetic;
+    so does a momentum that is no Python number (TF's assign_sub form on the fused path)."""
+    v = np.ones((1, 1, 1, 6))
+    c = _accelerator.CupyKernels().coefficients("fused", v, v, v, v, 1e-3, None, array_namespace(v))
+    assert c.scale.dtype == np.float64
+    layer = arraybn.BatchNormalization(momentum=np.float32(0.9))
+    layer(_data((8, 4, 4, 6), 0, np.float32), training=True)
+    assert layer.fused and not numpy_as_cupy
 
 
 def test_host_kernels_pass_the_goldens(numpy_as_cupy) -> None:  # type: ignore[no-untyped-def]

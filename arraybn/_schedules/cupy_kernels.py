@@ -54,11 +54,13 @@ import math
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from ._namespace import array_device, is_cupy_array
+from .._namespace import array_device, is_cupy_array
+from .._reference import Coefficients, MovingUpdate, Ops, corrected_moments, fused_factors
 
 Array = Any
 
@@ -68,7 +70,7 @@ _ONES_KEPT = 8  # vectors of ones kept for the matmul sums (one per input shape 
 _THREADS = 128  # threads per block of the per-channel kernel
 
 # flags of the per-channel kernels (_kernels.cu)
-_HAS_GAMMA, _HAS_BETA, _UPDATE = 1, 2, 4
+_HAS_GAMMA, _HAS_BETA, _UPDATE, _REPLACE = 1, 2, 4, 8
 
 
 def _float_itemsize(x: Array, xp: ModuleType) -> int | None:
@@ -158,14 +160,6 @@ def channel_raw_moments(x: Array, channel: int, xp: ModuleType) -> tuple[Array, 
     return sums, squares, n
 
 
-def channel_moments(x: Array, channel: int, xp: ModuleType) -> tuple[Array, Array]:
-    """Mean and biased variance per channel (shape ``(C,)``): two passes, as ``tf.nn.moments``."""
-    sums, squares, n = channel_raw_moments(x, channel, xp)
-    # n as a Python float: a weak scalar everywhere (CuPy 13 promotes float32 / int to float64
-    # for n >= 65536); the same float32(n) the kernels are given
-    return sums / float(n), squares / float(n)
-
-
 # ---------------------------------------------------------------------------
 # CuPy kernels
 # ---------------------------------------------------------------------------
@@ -184,7 +178,15 @@ def _kernel(name: str) -> Any:
     if kernel is None:
         import cupy
 
-        if name == "multiply_add":
+        if name == "centred_multiply_add":
+            kernel = cupy.ElementwiseKernel(
+                "T x, T c, T a, T b",
+                "T y",
+                "y = add_rn(mul_rn(sub_rn(x, c), a), b)",
+                "arraybn_centred_multiply_add",
+                preamble=kernel_source(),
+            )
+        elif name == "multiply_add":
             kernel = cupy.ElementwiseKernel(
                 "T x, T a, T b", "T y", "y = add_rn(mul_rn(x, a), b)", "arraybn_multiply_add", preamble=kernel_source()
             )
@@ -223,87 +225,150 @@ def squared_difference(x: Array, m: Array, xp: ModuleType, *, count: int = 1) ->
     return d * d
 
 
-def batch_norm(
-    x: Array,
+def centred_multiply_add(x: Array, center: Array, scale: Array, shift: Array) -> Array:
+    """``(x - center) * scale + shift``, each operation rounded on its own, in one pass."""
+    return _kernel("centred_multiply_add")(x, center, scale, shift)
+
+
+class CupyKernels(Ops):
+    """Eager CuPy arrays of float32/float64 (module docstring); ``ARRAYBN_CUDA_KERNELS=0`` switches it off.
+
+    The output's scale-and-shift and the per-channel coefficients are the
+    reference's operations, bit for bit; the sums are CuPy's tree reductions
+    (or cuBLAS matrix-vector products for channels-last data), which add the
+    same terms in another order.
+    """
+
+    name = "cupy-kernels"
+    bounds = {
+        "sum": "sum order",
+        "moments": "sum order",
+        "affine": "bitwise",
+        "coefficients": "bitwise",
+        "backward_sums": "sum order",
+        "backward_dx": "bitwise",
+    }
+
+    def sum(self, x: Array, axes: Sequence[int], xp: ModuleType) -> Array:
+        if not takes_kernels(x, xp):
+            return super().sum(x, axes, xp)
+        kept = [i for i in range(x.ndim) if i not in {a % x.ndim for a in axes}]
+        if kept == [x.ndim - 1] and uses_matmul_sums(x, kept[0], xp):  # one channel axis, the last
+            return channel_sums(x, kept[0], xp).reshape(tuple(1 if i in axes else n for i, n in enumerate(x.shape)))
+        return xp.sum(x, axis=tuple(axes), keepdims=True)  # CuPy's reduction adds along a tree
+
+    def moments(self, x: Array, axes: Sequence[int], xp: ModuleType) -> tuple[Array, Array]:
+        if not takes_kernels(x, xp):
+            return super().moments(x, axes, xp)
+        kept = tuple(1 if i in axes else n for i, n in enumerate(x.shape))
+        n = math.prod(x.shape) // math.prod(kept)
+        with _device_of(x):
+            # n as a Python float: a weak scalar (CuPy 13 promotes float32 / int to float64 for n >= 65536)
+            mean = self.sum(x, axes, xp) / float(n)
+            return corrected_moments(
+                mean, self.sum(x - mean, axes, xp), self.sum(squared_difference(x, mean, xp), axes, xp), n, xp
+            )
+
+    def affine(self, x: Array, scale: Array, shift: Array, center: Array | None, xp: ModuleType) -> Array:
+        params = (scale, shift) if center is None else (scale, shift, center)
+        if not (takes_kernels(x, xp) and all(is_cupy_array(p) and p.dtype == x.dtype for p in params)):
+            return super().affine(x, scale, shift, center, xp)
+        with _device_of(x):
+            return multiply_add(x, scale, shift, xp) if center is None else centred_multiply_add(x, center, scale, shift)
+
+    def coefficients(
+        self,
+        rule: str,
+        mean: Array,
+        variance: Array,
+        gamma: Array | None,
+        beta: Array | None,
+        epsilon: Any,
+        update: MovingUpdate | None,
+        xp: ModuleType,
+    ) -> Coefficients:
+        weights = [a for a in (mean, variance, gamma, beta) if a is not None]
+        if update is not None:
+            weights += [update.moving_mean, update.moving_variance]
+        dtype = mean.dtype
+        host_numbers = isinstance(epsilon, float) and (update is None or isinstance(update.momentum, (int, float)))
+        kernel_rule = update is None or update.rule == ("fused" if rule == "fused" else "assign_sub")
+        if not (
+            takes_kernels(mean, xp)
+            and host_numbers
+            and kernel_rule
+            and (rule == "non_fused" or dtype == xp.float32)
+            and all(is_cupy_array(a) and a.dtype == dtype and a.size == mean.size for a in weights)
+        ):
+            return super().coefficients(rule, mean, variance, gamma, beta, epsilon, update, xp)
+        return _launch_coefficients(rule, mean, variance, gamma, beta, epsilon, update, xp)
+
+    def backward_sums(
+        self, x: Array, dy: Array, mean: Array, axes: Sequence[int], xp: ModuleType
+    ) -> tuple[Array, Array, Array]:
+        xc = x - mean
+        return self.sum(xc, axes, xp), self.sum(dy, axes, xp), self.sum(dy * xc, axes, xp)
+
+
+def _launch_coefficients(
+    rule: str,
+    mean: Array,
+    variance: Array,
     gamma: Array | None,
     beta: Array | None,
-    moving_mean: Array,
-    moving_variance: Array,
-    *,
-    axes: tuple[int, ...],
-    fused: bool,
-    training: bool,
-    update: bool,
     epsilon: float,
-    factors: tuple[float, ...],
+    update: MovingUpdate | None,
     xp: ModuleType,
-) -> tuple[Array, tuple[Array, Array] | None] | None:
-    """One forward of the layer on CuPy: statistics, per-channel kernel, multiply-add.
-
-    ``x`` is in the computation's dtype and is reduced over ``axes``; the weights
-    have the statistics' elements in order (``config.param_shape``). ``fused``
-    picks the rule of ``_kernels.cu``; ``factors`` are its float32-rounded host
-    constants: ``(keep, mean_factor, variance_factor)`` for the fused rule,
-    ``(decay,)`` for the other; ``update`` asks for the moving statistics.
-    Returns ``(y, (moving_mean, moving_variance) or None)``, or None where this
-    schedule does not apply (not CuPy, other dtypes, no reduced axis): the
-    caller then runs the Array API code, which gives the same bits.
-    """
-    dtype = x.dtype
-    if not (axes and takes_kernels(x, xp)) or (fused and dtype != xp.float32):
-        return None
-    if any(w is not None and w.dtype != dtype for w in (gamma, beta, moving_mean, moving_variance)):
-        return None
+) -> Coefficients:
+    """`CupyKernels.coefficients` as one launch of the rule's kernel of ``_kernels.cu``."""
     import cupy
     import numpy as np
 
-    with _device_of(x):  # allocations and the raw launch go to the current device: make it x's
-        # CuPy's own array methods from here on: the compat namespace's wrappers cost host time
-        kept = tuple(1 if i in axes else n for i, n in enumerate(x.shape))
-        p = math.prod(kept)
-        if not training:
-            sums, squares, count = moving_mean, moving_variance, 1
-        elif len(axes) == x.ndim - 1 and x.ndim - 1 not in axes and uses_matmul_sums(x, x.ndim - 1, xp):
-            # one channel axis, the last: the matmul sums, where moments() takes them too
-            sums, squares, count = channel_raw_moments(x, x.ndim - 1, xp)
-        else:  # CuPy's own reduction: the statistics come divided
-            sums = xp.mean(x, axis=axes, keepdims=True)
-            squares = xp.mean(squared_difference(x, sums, xp), axis=axes, keepdims=True)
-            count = 1
+    dtype = mean.dtype
+    dt = dtype.type
+    p = mean.size
+    with _device_of(mean):  # allocations and the raw launch go to the current device: make it the arrays'
         scale, shift = cupy.empty(p, dtype), cupy.empty(p, dtype)
-        if update:
+        center = cupy.empty(p, dtype) if rule == "fused" else scale  # not written by the non-fused rule
+        flags = (_HAS_GAMMA if gamma is not None else 0) | (_HAS_BETA if beta is not None else 0)
+        if update is None:
+            moving = [scale, shift]  # not read
+            new_mean, new_variance = scale, shift  # not written
+            factors: tuple[float, ...] = (0.0, 0.0, 0.0) if rule == "fused" else (0.0,)
+        else:
+            moving = [cupy.ascontiguousarray(a.reshape(p)) for a in (update.moving_mean, update.moving_variance)]
             new_mean, new_variance = cupy.empty(p, dtype), cupy.empty(p, dtype)
-        else:  # not written by the kernel
-            new_mean, new_variance, factors = scale, shift, (0.0,) * len(factors)
+            flags |= _UPDATE
+            if rule == "fused":
+                keep, mean_factor, replace = fused_factors(float(update.momentum), 1.0)
+                variance_factor = fused_factors(float(update.momentum), float(update.bessel))[1]
+                factors = (keep, mean_factor, variance_factor)
+                flags |= _REPLACE if replace else 0
+            else:
+                factors = (_host_decay(update.momentum, dtype == xp.float64),)
         # contiguous (p,) views (copies where a weight is strided); an absent weight is not read
-        vectors = [scale if a is None else cupy.ascontiguousarray(a.reshape(p)) for a in (sums, squares, gamma, beta)]
-        moving = [cupy.ascontiguousarray(a.reshape(p)) for a in (moving_mean, moving_variance)]
-        flags = (
-            (_HAS_GAMMA if gamma is not None else 0)
-            | (_HAS_BETA if beta is not None else 0)
-            | (_UPDATE if update else 0)
-        )
-        dt = dtype.type
-        args = (
-            np.int64(p),
-            np.int32(flags),
-            vectors[0],
-            vectors[1],
-            dt(count),
-            vectors[2],
-            vectors[3],
-            *moving,
-            dt(epsilon),
-            *[dt(f) for f in factors],
-            scale,
-            shift,
-            new_mean,
-            new_variance,
-        )
-        rule = "arraybn_fused_coefficients_" if fused else "arraybn_coefficients_"
+        vectors = [scale if a is None else cupy.ascontiguousarray(a.reshape(p)) for a in (mean, variance, gamma, beta)]
+        outputs = ([center] if rule == "fused" else []) + [scale, shift, new_mean, new_variance]
+        args = (np.int64(p), np.int32(flags), *vectors, *moving, dt(epsilon), *[dt(f) for f in factors], *outputs)
+        name = "arraybn_fused_coefficients_" if rule == "fused" else "arraybn_coefficients_"
         blocks = min(-(-p // _THREADS), 1 << 16)  # a grid-stride loop covers the rest
-        _kernel(rule + ("f32" if dtype == xp.float32 else "f64"))((blocks,), (_THREADS,), args)
-        y = _kernel("multiply_add")(x, scale.reshape(kept), shift.reshape(kept))
-        if not update:
-            return y, None
-        return y, (new_mean.reshape(moving_mean.shape), new_variance.reshape(moving_variance.shape))
+        _kernel(name + ("f32" if dtype == xp.float32 else "f64"))((blocks,), (_THREADS,), args)
+    shape = tuple(mean.shape)
+    result = Coefficients(
+        center.reshape(shape) if rule == "fused" else None,
+        scale.reshape(shape),
+        shift.reshape(shape),
+        None if update is None else new_mean.reshape(update.moving_mean.shape),
+        None if update is None else new_variance.reshape(update.moving_variance.shape),
+    )
+    return result
+
+
+def _host_decay(momentum: Any, float64_variable: bool) -> float:
+    """``decay_operand`` of the reference as a Python float (momentum is a host number here)."""
+    from .._reference import float32_value
+
+    value = 1.0 - momentum
+    if float64_variable and str(getattr(value, "dtype", "")) == "float64":
+        return float(value)
+    return float32_value(value)

@@ -1,16 +1,21 @@
-"""The cache-blocked CPU schedule (``arraybn._streaming``): same results as the plain expressions.
+"""Schedules against the reference: each plug-in computes the reference's arithmetic, within its declared bound.
 
-The conformance cases are small (a few KiB), below the size where arraybn
-switches to the blocked schedule, so these tests hold the blocked code to the
-same arithmetic on inputs large enough to take it: statistics and the
-backward's sums against a float64 reference, the scale-and-shift and the
-backward's elementwise gradient bit for bit against the plain expressions,
-whole layers (forward and backward) against the plain schedule, and the
-memory promise (no input-sized temporary).
+The reference (``arraybn._reference``) defines arraybn's numbers; a schedule
+(``arraybn._schedules``) is a faster computation of some of its bulk
+operations, chosen once per call and switchable off with
+``arraybn.schedule("reference")``. The conformance cases are small (a few KiB),
+below the size where the NumPy blocked schedule applies, so these tests hold it
+to the reference on inputs large enough to take it: per operation (the
+statistics and the backward's sums within rounding of the same terms added in
+another order, the scale-and-shift and the backward's elementwise gradient bit
+for bit), whole layers (forward and backward), the golden cases with the size
+thresholds removed, accuracy against float64 on inputs with a large mean, and
+the memory promise (no input-sized temporary).
 """
 
 from __future__ import annotations
 
+import threading
 import tracemalloc
 
 import array_api_compat.numpy as xp
@@ -18,9 +23,21 @@ import numpy as np
 import pytest
 
 import arraybn
-from arraybn import BNConfig, BNParams, BNState, _streaming
-from arraybn._backward import batch_norm_vjp
-from arraybn._functional import moments, scale_shift
+from arraybn import BNConfig, BNParams, BNState, batch_norm_vjp
+from arraybn._reference import REFERENCE, SUM_LEAF
+from arraybn._schedules import numpy_blocked as blocked
+from arraybn._schedules import select
+
+BLOCKED = blocked.NumpyBlocked()
+
+
+def moments(x, axes, xp=xp):  # type: ignore[no-untyped-def]
+    return BLOCKED.moments(x, axes, xp)
+
+
+def scale_shift(x, a, b, xp=xp):  # type: ignore[no-untyped-def]
+    return BLOCKED.affine(x, a, b, None, xp)
+
 
 # (shape, channel axis): channels last with tiled rows, channels last where the
 # row count is prime (rows of 135 channel vectors and a tail of 91), long
@@ -43,19 +60,15 @@ def _reference(x: np.ndarray, channel: int) -> tuple[np.ndarray, np.ndarray]:
     return mean, ((xd - mean) ** 2).mean(axis=axes, keepdims=True)
 
 
-def _plain(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_streaming, "layout", lambda *a, **k: None)
-
-
 @pytest.mark.parametrize(("shape", "channel"), SHAPES)
 def test_large_inputs_take_the_blocked_schedule(shape, channel) -> None:  # type: ignore[no-untyped-def]
     x = np.zeros(shape, np.float32)
-    lay = _streaming.layout(x, channel, xp)
+    lay = blocked.layout(x, channel, xp)
     assert lay is not None
     assert lay.a * lay.c * lay.b == x.size and lay.c == shape[channel]
     if lay.b == 1:  # rows of at least _ROW_ELEMENTS elements, whole channel vectors
-        assert lay.k * lay.c >= _streaming._ROW_ELEMENTS and (lay.k - 1) * lay.c < _streaming._ROW_ELEMENTS
-        rows, tail = _streaming._rows(x, lay, xp)
+        assert lay.k * lay.c >= blocked._ROW_ELEMENTS and (lay.k - 1) * lay.c < blocked._ROW_ELEMENTS
+        rows, tail = blocked._rows(x, lay, xp)
         assert np.shares_memory(rows, x) and rows.shape == (lay.a // lay.k, lay.k * lay.c)
         assert (tail is None) == (lay.a % lay.k == 0)
         if tail is not None:
@@ -64,17 +77,17 @@ def test_large_inputs_take_the_blocked_schedule(shape, channel) -> None:  # type
 
 def test_small_half_strided_or_foreign_inputs_keep_the_plain_expressions() -> None:
     big = np.zeros((64, 64, 64, 4), np.float32)
-    assert _streaming.layout(big, 3, xp) is not None
-    assert _streaming.layout(big[:2], 3, xp) is None  # under 1 MiB
-    assert _streaming.layout(big.astype(np.float16), 3, xp) is None  # no BLAS for float16
-    assert _streaming.layout(np.swapaxes(big, 0, 1), 3, xp) is None  # not C-contiguous
-    assert _streaming.layout(np.zeros((64, 64, 8, 8), np.float32), 1, xp) is None  # 64 per channel row: too few
+    assert blocked.layout(big, 3, xp) is not None
+    assert blocked.layout(big[:2], 3, xp) is None  # under 1 MiB
+    assert blocked.layout(big.astype(np.float16), 3, xp) is None  # no BLAS for float16
+    assert blocked.layout(np.swapaxes(big, 0, 1), 3, xp) is None  # not C-contiguous
+    assert blocked.layout(np.zeros((64, 64, 8, 8), np.float32), 1, xp) is None  # 64 per channel row: too few
     # long channel vectors: rows of 8 of them
-    assert _streaming.layout(np.zeros((1024, 1024), np.float32), 1, xp) == (1024, 1024, 1, 8)
+    assert blocked.layout(np.zeros((1024, 1024), np.float32), 1, xp) == (1024, 1024, 1, 8)
     # more than 8192 channels: one per row
-    assert _streaming.layout(np.zeros((64, 10000), np.float32), 1, xp) == (64, 10000, 1, 1)
+    assert blocked.layout(np.zeros((64, 10000), np.float32), 1, xp) == (64, 10000, 1, 1)
     strict = pytest.importorskip("array_api_strict")
-    assert _streaming.layout(strict.zeros((64, 64, 64, 4)), 3, strict) is None
+    assert blocked.layout(strict.zeros((64, 64, 64, 4)), 3, strict) is None
 
 
 @pytest.mark.parametrize(("shape", "channel"), SHAPES + LARGE)
@@ -82,14 +95,15 @@ def test_small_half_strided_or_foreign_inputs_keep_the_plain_expressions() -> No
 def test_blocked_moments_match_a_float64_two_pass(shape, channel, offset) -> None:  # type: ignore[no-untyped-def]
     rng = np.random.default_rng(len(shape) + channel)
     x = (rng.standard_normal(shape) * 0.5 + offset).astype(np.float32)
-    assert _streaming.layout(x, channel, xp) is not None
+    assert blocked.layout(x, channel, xp) is not None
     axes = [i for i in range(x.ndim) if i != channel]
-    mean, variance = moments(x, axes, xp=xp)
     ref_mean, ref_var = _reference(x, channel)
-    assert mean.shape == ref_mean.shape and mean.dtype == np.float32
-    # float32 rounding of the inputs' sum (mean) and of the centred squares (variance)
-    np.testing.assert_allclose(mean, ref_mean, rtol=2e-6, atol=1e-6)
-    np.testing.assert_allclose(variance, ref_var, rtol=2e-5 if offset else 5e-6)
+    for ops in (BLOCKED, REFERENCE):  # the schedule and the reference: the same terms, added in other orders
+        mean, variance = ops.moments(x, axes, xp)
+        assert mean.shape == ref_mean.shape and mean.dtype == np.float32
+        # corrected two-pass: within a few float32 ulps of the float64 statistics, whatever the offset
+        np.testing.assert_allclose(mean, ref_mean, rtol=2e-7, atol=1e-7)
+        np.testing.assert_allclose(variance, ref_var, rtol=2e-6)
 
 
 @pytest.mark.parametrize(("shape", "channel"), SHAPES[:4])
@@ -117,24 +131,25 @@ def test_blocked_moments_propagate_nan_and_inf_per_channel() -> None:
 
 @pytest.mark.parametrize(("shape", "channel"), SHAPES)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_scale_shift_is_bitwise_x_times_a_then_plus_b(shape, channel, dtype) -> None:  # type: ignore[no-untyped-def]
+def test_affine_is_bitwise_the_reference(shape, channel, dtype) -> None:  # type: ignore[no-untyped-def]
     rng = np.random.default_rng(5)
     x = rng.standard_normal(shape).astype(dtype)
     kept = tuple(n if i == channel else 1 for i, n in enumerate(shape))
-    a = rng.standard_normal(kept).astype(dtype)
-    b = rng.standard_normal(kept).astype(dtype)
-    y = scale_shift(x, a, b, xp=xp)
+    a, b, m = (rng.standard_normal(kept).astype(dtype) for _ in range(3))
+    for center in (None, m):  # the non-fused form x * a + b, the fused kernel's (x - m) * a + b
+        y = BLOCKED.affine(x, a, b, center, xp)
+        assert y.dtype == x.dtype and y.shape == x.shape
+        np.testing.assert_array_equal(y, REFERENCE.affine(x, a, b, center, xp))
     expected = x * a
     expected += b
-    assert y.dtype == x.dtype and y.shape == x.shape
-    np.testing.assert_array_equal(y, expected)
+    np.testing.assert_array_equal(scale_shift(x, a, b), expected)
 
 
 @pytest.mark.parametrize(
     ("shape", "axis"), [((16, 32, 40, 40), 1), ((16, 24, 24, 32), -1), ((8192, 60), -1), ((2048, 1000), -1)]
 )
 @pytest.mark.parametrize("training", [True, False])
-def test_layers_agree_with_the_plain_schedule(monkeypatch, shape, axis, training) -> None:  # type: ignore[no-untyped-def]
+def test_layers_agree_with_the_reference(shape, axis, training) -> None:  # type: ignore[no-untyped-def]
     rng = np.random.default_rng(6)
     x = (rng.standard_normal(shape) * 2 + 3).astype(np.float32)
     c = shape[axis]
@@ -153,8 +168,7 @@ def test_layers_agree_with_the_plain_schedule(monkeypatch, shape, axis, training
         return np.asarray(y), [np.asarray(w) for w in layer.get_weights()]
 
     y, state = run()
-    with monkeypatch.context() as m:
-        _plain(m)
+    with arraybn.schedule("reference"):
         y_plain, state_plain = run()
     # both schedules round the statistics in float32, in different orders
     np.testing.assert_allclose(y, y_plain, rtol=1e-5, atol=1e-5)
@@ -214,11 +228,11 @@ def test_backward_sums_match_a_float64_reference(shape, channel) -> None:  # typ
     rng = np.random.default_rng(8)
     x = (rng.standard_normal(shape) + 5).astype(np.float32)
     dy = rng.standard_normal(shape).astype(np.float32)
-    lay = _streaming.layout(x, channel, xp)
+    lay = blocked.layout(x, channel, xp)
     axes = tuple(i for i in range(x.ndim) if i != channel)
     mean = x.astype(np.float64).mean(axis=axes).astype(np.float32)
     kept = tuple(n if i == channel else 1 for i, n in enumerate(shape))
-    sum_xc, sum_dy, sum_dy_xc = _streaming.centred_sums(x, dy, mean, lay, xp)
+    sum_xc, sum_dy, sum_dy_xc = blocked.centred_sums(x, dy, mean, lay, xp)
     xc = x.astype(np.float64) - mean.reshape(kept)
     d64 = dy.astype(np.float64)
     n = x.size // shape[channel]
@@ -235,12 +249,12 @@ def test_backward_gradient_is_bitwise_the_plain_expression(shape, channel) -> No
     dy = rng.standard_normal(shape).astype(np.float32)
     c = shape[channel]
     mean, k, p, q = (rng.standard_normal(c).astype(np.float32) for _ in range(4))
-    lay = _streaming.layout(x, channel, xp)
-    dx = _streaming.centred_affine(x, dy, mean, k, p, q, lay, xp)
+    lay = blocked.layout(x, channel, xp)
+    dx = blocked.centred_affine(x, dy, mean, k, p, q, lay, xp)
     kept = tuple(n if i == channel else 1 for i, n in enumerate(shape))
-    t = (x - mean.reshape(kept)) * p.reshape(kept)
-    t = t + q.reshape(kept)
-    np.testing.assert_array_equal(dx, dy * k.reshape(kept) + t)
+    want = REFERENCE.backward_dx(x, dy, *(v.reshape(kept) for v in (mean, k, p, q)), xp)
+    np.testing.assert_array_equal(dx, want)
+    np.testing.assert_array_equal(BLOCKED.backward_dx(x, dy, *(v.reshape(kept) for v in (mean, k, p, q)), xp), want)
 
 
 @pytest.mark.parametrize(
@@ -254,7 +268,7 @@ def test_backward_gradient_is_bitwise_the_plain_expression(shape, channel) -> No
     ],
 )
 @pytest.mark.parametrize("training", [True, False])
-def test_backward_agrees_with_the_plain_schedule(monkeypatch, shape, axis, fused, training) -> None:  # type: ignore[no-untyped-def]
+def test_backward_agrees_with_the_reference(shape, axis, fused, training) -> None:  # type: ignore[no-untyped-def]
     rng = np.random.default_rng(10)
     x = (rng.standard_normal(shape) * 2 + 3).astype(np.float32)
     dy = rng.standard_normal(shape).astype(np.float32)
@@ -263,10 +277,9 @@ def test_backward_agrees_with_the_plain_schedule(monkeypatch, shape, axis, fused
     config = BNConfig(axis=(ax,), rank=len(shape), param_shape=(c,), fused=fused)
     params = BNParams(rng.uniform(0.5, 2, c).astype(np.float32), rng.standard_normal(c).astype(np.float32))
     state = BNState(rng.standard_normal(c).astype(np.float32), rng.uniform(0.5, 2, c).astype(np.float32))
-    assert _streaming.layout(x, ax, xp) is not None
+    assert blocked.layout(x, ax, xp) is not None
     got = batch_norm_vjp(x, params, state, dy, training=training, config=config)
-    with monkeypatch.context() as m:
-        _plain(m)
+    with arraybn.schedule("reference"):
         want = batch_norm_vjp(x, params, state, dy, training=training, config=config)
     # the per-channel sums are added in different orders; everything else is the same arithmetic
     if training:
@@ -281,12 +294,12 @@ def _every_blocked_result(x: np.ndarray, channel: int) -> list[np.ndarray]:
     rng = np.random.default_rng(12)
     dy = rng.standard_normal(x.shape).astype(x.dtype)
     vectors = [rng.standard_normal(x.shape[channel]).astype(x.dtype) for _ in range(4)]
-    lay = _streaming.layout(x, channel, xp)
+    lay = blocked.layout(x, channel, xp)
     return [
-        *_streaming.channel_moments(x, lay, xp),
-        _streaming.scale_shift(x, vectors[0], vectors[1], lay, xp),
-        *_streaming.centred_sums(x, dy, vectors[0], lay, xp),
-        _streaming.centred_affine(x, dy, *vectors, lay, xp),
+        *blocked.channel_moments(x, lay, xp),
+        blocked.affine(x, vectors[0], vectors[1], vectors[2], lay, xp),
+        *blocked.centred_sums(x, dy, vectors[0], lay, xp),
+        blocked.centred_affine(x, dy, *vectors, lay, xp),
     ]
 
 
@@ -304,9 +317,9 @@ def test_results_do_not_depend_on_the_thread_count(monkeypatch, shape, channel) 
 
 def test_thread_count_setting(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setenv("ARRAYBN_NUM_THREADS", "3")
-    assert _streaming.thread_count() == 3
+    assert blocked.thread_count() == 3
     monkeypatch.delenv("ARRAYBN_NUM_THREADS")
-    assert 1 <= _streaming.thread_count() <= _streaming._MAX_THREADS
+    assert 1 <= blocked.thread_count() <= blocked._MAX_THREADS
     x = np.ones((64, 64, 64, 4), np.float32)
     layer = arraybn.BatchNormalization()
     layer(x, training=True)
@@ -357,11 +370,11 @@ def test_blocked_schedule_passes_the_goldens(monkeypatch) -> None:  # type: igno
     """
     from conformance import gradients, runner
 
-    monkeypatch.setattr(_streaming, "_MIN_BYTES", 0)
-    monkeypatch.setattr(_streaming, "_MIN_INNER", 1)
+    monkeypatch.setattr(blocked, "_MIN_BYTES", 0)
+    monkeypatch.setattr(blocked, "_MIN_INNER", 1)
     monkeypatch.setenv("ARRAYBN_NUM_THREADS", "2")
     streamed = []
-    original = _streaming.layout
+    original = blocked.layout
 
     def counting(*args):  # type: ignore[no-untyped-def]
         lay = original(*args)
@@ -369,10 +382,135 @@ def test_blocked_schedule_passes_the_goldens(monkeypatch) -> None:  # type: igno
             streamed.append(lay)
         return lay
 
-    monkeypatch.setattr(_streaming, "layout", counting)
+    monkeypatch.setattr(blocked, "layout", counting)
     summary = runner.run(xp=xp, progress=False, stride=4)
     assert summary.outcomes, "no cases ran"
     assert not summary.failures, summary.failure_text(limit=40)
     failures = gradients.check(xp)
     assert not failures, list(failures.items())[:10]
     assert len(streamed) > 1000  # the blocked schedule did run (forward, backward)
+
+
+# ---------------------------------------------------------------------------
+# The schedule API
+# ---------------------------------------------------------------------------
+
+
+def test_schedule_setting_is_scoped_and_checked() -> None:
+    assert arraybn.get_schedule() == "auto"
+    with arraybn.schedule("reference"):
+        assert arraybn.get_schedule() == "reference"
+        with arraybn.schedule("numpy-blocked"):
+            assert arraybn.get_schedule() == "numpy-blocked"
+        assert arraybn.get_schedule() == "reference"
+    assert arraybn.get_schedule() == "auto"
+    with pytest.raises(ValueError, match="Unknown schedule 'fast'"), arraybn.schedule("fast"):
+        pass
+    assert arraybn.get_schedule() == "auto"
+
+
+def test_schedule_setting_holds_for_its_thread_only() -> None:
+    seen = []
+    with arraybn.schedule("reference"):
+        t = threading.Thread(target=lambda: seen.append(arraybn.get_schedule()))
+        t.start()
+        t.join()
+    assert seen == ["auto"]
+
+
+def test_every_schedule_declares_a_bound_for_each_operation_it_replaces() -> None:
+    declared = arraybn.available_schedules()
+    assert declared["reference"] == {}
+    operations = {"sum", "moments", "affine", "coefficients", "backward_sums", "backward_dx"}
+    for name, bounds in declared.items():
+        if name == "reference":
+            continue
+        assert bounds, name
+        assert set(bounds) <= operations, name
+        assert all(b == "bitwise" or b == "sum order" for b in bounds.values()), (name, bounds)
+    assert set(declared["numpy-blocked"]) == set(blocked.NumpyBlocked.bounds)
+
+
+def test_select_picks_once_per_library_and_obeys_the_setting() -> None:
+    big = np.zeros((64, 64, 64, 4), np.float32)
+    assert select(big, xp).name == "numpy-blocked"
+    with arraybn.schedule("reference"):
+        assert select(big, xp) is REFERENCE
+    with arraybn.schedule("cupy-kernels"):  # a schedule made for another library: the reference
+        assert select(big, xp) is REFERENCE
+    strict = pytest.importorskip("array_api_strict")
+    assert select(strict.zeros((4, 4)), strict) is REFERENCE
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_the_reference_setting_reaches_no_schedule_code(monkeypatch, training) -> None:  # type: ignore[no-untyped-def]
+    calls = []
+    original = blocked.layout
+    monkeypatch.setattr(blocked, "layout", lambda *a: calls.append(a) or original(*a))
+    x = np.random.default_rng(20).standard_normal((32, 32, 32, 16)).astype(np.float32)
+    layer = arraybn.BatchNormalization()
+    with arraybn.schedule("reference"):
+        layer(x, training=training)
+    assert calls == []
+    layer(x, training=training)
+    assert calls  # under "auto" the blocked passes run
+
+
+# ---------------------------------------------------------------------------
+# Accuracy: the reference's blocked sums on every namespace
+# ---------------------------------------------------------------------------
+
+
+def test_reference_sum_is_blocked_with_a_bounded_leaf() -> None:
+    # ones: every partial sum is exact, whatever the blocking; check shapes and the remainder path
+    for n in (1, SUM_LEAF, SUM_LEAF + 1, SUM_LEAF * SUM_LEAF + 3, 100_003):
+        x = np.ones((n, 3), np.float32)
+        total = REFERENCE.sum(x, (0,), xp)
+        assert total.shape == (1, 3)
+        np.testing.assert_array_equal(total, np.full((1, 3), n, np.float32))
+    x = np.ones((70, 5, 130), np.float32)
+    np.testing.assert_array_equal(REFERENCE.sum(x, (0, 2), xp), np.full((1, 5, 1), 70 * 130, np.float32))
+    # 2**24 + 1 values of 1: one float32 accumulator stops at 2**24, a tree reaches the exact count
+    x = np.ones((2**24 + 1, 1), np.float32)
+    assert float(np.sum(x, axis=0)[0]) in (2.0**24, 2.0**24 + 2)  # NumPy's pairwise sum may recover, or not
+    assert float(REFERENCE.sum(x, (0,), xp)[0, 0]) == 2.0**24  # float32 cannot hold 2**24 + 1: the nearest
+
+
+def _namespaces():  # type: ignore[no-untyped-def]
+    out = [pytest.param("numpy", id="numpy")]
+    for name in ("array_api_strict", "torch", "dask.array", "jax.numpy"):
+        out.append(pytest.param(name, id=name))
+    return out
+
+
+def _as_namespace(name: str, x: np.ndarray):  # type: ignore[no-untyped-def]
+    if name == "numpy":
+        return x
+    if name == "array_api_strict":
+        strict = pytest.importorskip("array_api_strict")
+        return strict.asarray(x)
+    if name == "torch":
+        torch = pytest.importorskip("torch")
+        return torch.from_numpy(x)
+    if name == "dask.array":
+        da = pytest.importorskip("dask.array")
+        return da.from_array(x, chunks=(x.shape[0] // 4, *x.shape[1:]))
+    jnp = pytest.importorskip("jax.numpy")
+    return jnp.asarray(x)
+
+
+@pytest.mark.parametrize("namespace", _namespaces())
+@pytest.mark.parametrize("schedule", ["auto", "reference"])
+def test_statistics_keep_the_spread_of_large_mean_inputs(namespace, schedule) -> None:  # type: ignore[no-untyped-def]
+    """``1000 + 0.1 * N(0, 1)`` float32, 2**22 values per channel: TF's relative variance error is ~1e-6."""
+    rng = np.random.default_rng(21)
+    x = (1000.0 + 0.1 * rng.standard_normal((2**16, 64, 4))).astype(np.float32)
+    x = x.reshape(2**16 * 64, 4)[: 2**22 // 1 * 1 // 4 * 4].reshape(-1, 4)  # (2**22, 4): 64 MiB
+    x64 = x.astype(np.float64)
+    true_mean, true_var = x64.mean(axis=0), x64.var(axis=0)
+    layer = arraybn.BatchNormalization(momentum=0.0)
+    with arraybn.schedule(schedule):
+        layer(_as_namespace(namespace, x), training=True)
+    mean, var = (np.asarray(w, np.float64) for w in layer.get_weights()[2:])
+    assert np.max(np.abs(mean - true_mean)) < 1e-4  # float32's spacing at 1000 is 6e-5
+    assert np.max(np.abs(var / true_var - 1)) < 1e-5

@@ -45,7 +45,8 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from types import ModuleType
 from typing import Any, NamedTuple, TypeVar
 
-from ._namespace import array_device, float_error_settings, multiply_into, streams_through_cache, subtract_into
+from .._namespace import array_device, float_error_settings, multiply_into, streams_through_cache, subtract_into
+from .._reference import REFERENCE, Ops, corrected_moments
 
 Array = Any
 T = TypeVar("T")
@@ -126,23 +127,19 @@ def _tiled(v: Array, k: int, xp: ModuleType) -> Array:
 
 def _fold(v: Array, k: int, c: int, xp: ModuleType) -> Array:
     """Sum a row of ``k`` channel vectors back to one vector of ``c``."""
-    return v if k == 1 else xp.sum(xp.reshape(v, (k, c)), axis=0)
-
-
-def _accumulate(total: Array | None, part: Array) -> Array:
-    """Running sum of partial sums (``part`` is a fresh result, so the first one is kept and added into)."""
-    if total is None:
-        return part
-    total += part
-    return total
+    return v if k == 1 else xp.reshape(REFERENCE.sum(xp.reshape(v, (k, c)), (0,), xp), (c,))
 
 
 def _combine(parts: Sequence[Array]) -> Array:
-    """The pieces' partial sums added in order."""
-    total = None
-    for part in parts:
-        total = _accumulate(total, part)
-    return total
+    """The partial sums added pairwise, in order (``((p0 + p1) + (p2 + p3)) + ...``): the error of the
+    total grows with the logarithm of the number of parts, as a tree reduction's does."""
+    parts = list(parts)
+    while len(parts) > 1:
+        paired = [parts[i] + parts[i + 1] for i in range(0, len(parts) - 1, 2)]
+        if len(parts) % 2:
+            paired.append(parts[-1])
+        parts = paired
+    return parts[0]
 
 
 # ---------------------------------------------------------------------------
@@ -249,26 +246,30 @@ def _last_moments(x: Array, lay: Layout, xp: ModuleType) -> tuple[Array, Array]:
     mean = per_channel(_combine(_parallel(sums, pieces)), None if tail is None else ones[: tail.shape[0]] @ tail) / n
     row_mean = _tiled(mean, lay.k, xp)
 
-    def squares(piece: Sequence[tuple[int, int]]) -> Array:
-        centred = _buffer(blocks, rows.shape[1], x, xp)  # one buffer per piece, reused
-        total = None
+    def centred(piece: Sequence[tuple[int, int]]) -> tuple[Array, Array]:
+        buffer = _buffer(blocks, rows.shape[1], x, xp)  # one buffer per piece, reused
+        sums, squares = [], []
         for i, j in piece:
-            d = centred[: j - i]
+            d = buffer[: j - i]
             subtract_into(rows[i:j], row_mean, d)
+            sums.append(ones[: j - i] @ d)
             d *= d
-            total = _accumulate(total, ones[: j - i] @ d)
-        return total
+            squares.append(ones[: j - i] @ d)
+        return _combine(sums), _combine(squares)
 
-    tail_squares = None
+    per_piece = _parallel(centred, pieces)
+    tail_sums = [None, None]
     if tail is not None:
         d = tail - mean
+        tail_sums[0] = ones[: tail.shape[0]] @ d
         d *= d
-        tail_squares = ones[: tail.shape[0]] @ d
-    return mean, per_channel(_combine(_parallel(squares, pieces)), tail_squares) / n
+        tail_sums[1] = ones[: tail.shape[0]] @ d
+    sum_d, sum_d2 = (per_channel(_combine([p[s] for p in per_piece]), tail_sums[s]) for s in range(2))
+    return corrected_moments(mean, sum_d, sum_d2, n, xp)
 
 
 def channel_moments(x: Array, lay: Layout, xp: ModuleType) -> tuple[Array, Array]:
-    """Mean and biased variance per channel (shape ``(C,)``), two passes as ``tf.nn.moments``."""
+    """Mean and biased variance per channel (shape ``(C,)``), two passes as ``Ops.moments`` (mean corrected)."""
     if lay.b == 1:
         return _last_moments(x, lay, xp)
     n = lay.a * lay.b
@@ -278,49 +279,58 @@ def channel_moments(x: Array, lay: Layout, xp: ModuleType) -> tuple[Array, Array
     # per (a, channel) row sums through BLAS, over pieces of A; then added over A in order
     outer = _pieces(_blocks(lay.a, lay.c * lay.b, x, xp))
     row_sums = _parallel(lambda piece: cube[piece[0][0] : piece[-1][1]] @ ones, outer)
-    mean = xp.sum(xp.concat(row_sums, axis=0), axis=0) / n
+    mean = xp.reshape(REFERENCE.sum(xp.concat(row_sums, axis=0), (0,), xp), (-1,)) / n
     spans = _blocks(lay.a, lay.b, x, xp)
 
-    def squares(channels: Sequence[int]) -> list[Array]:
-        centred = _buffer(spans, lay.b, x, xp)
+    def centred(channels: Sequence[int]) -> list[tuple[Array, Array]]:
+        buffer = _buffer(spans, lay.b, x, xp)
         totals = []
         for ch in channels:
             m = mean[ch]
-            total = None
+            sums, squares = [], []
             for i, j in spans:
-                subtract_into(cube[i:j, ch, :], m, centred[: j - i])
-                d = xp.reshape(centred[: j - i], (-1,))  # flat (a view): the sum of squares is one BLAS dot
-                total = _accumulate(total, d @ d)
-            totals.append(total)
+                c = buffer[: j - i]
+                subtract_into(cube[i:j, ch, :], m, c)
+                sums.append(xp.sum(c))  # NumPy's pairwise sum of a contiguous block
+                squares.append(xp.sum(xp.vecdot(c, c)))  # BLAS dots along rows, their (pairwise) sum
+            totals.append((_combine(sums), _combine(squares)))
         return totals
 
-    per_piece = _parallel(squares, _pieces(range(lay.c)))
-    variance = xp.stack([t for piece in per_piece for t in piece]) / n
-    return mean, variance
+    per_channel = [t for piece in _parallel(centred, _pieces(range(lay.c))) for t in piece]
+    sum_d, sum_d2 = (xp.stack([t[s] for t in per_channel]) for s in range(2))
+    return corrected_moments(mean, sum_d, sum_d2, n, xp)
 
 
-def scale_shift(x: Array, scale: Array, shift: Array, lay: Layout, xp: ModuleType) -> Array:
-    """``y = x * scale`` then ``y += shift`` per channel (``scale``, ``shift``: shape ``(C,)``, x's dtype).
+def affine(x: Array, scale: Array, shift: Array, center: Array | None, lay: Layout, xp: ModuleType) -> Array:
+    """``(x - center) * scale + shift`` per channel (``center`` None: ``x * scale + shift``), rounded per operation.
 
-    Block by block into the output, each block shifted while still in cache:
-    channels last along rows of tiled channel vectors, channels in the middle
-    one channel at a time with a scalar.
+    The per-channel vectors have shape ``(C,)`` and x's dtype. Block by block
+    into the output, each block finished while still in cache: channels last
+    along rows of tiled channel vectors, channels in the middle one channel at
+    a time with scalars.
     """
     y = xp.empty_like(x)
+
+    def finish(source: Array, c: Any, s: Any, t: Any, block: Array) -> None:
+        if c is None:
+            multiply_into(source, s, block)
+        else:
+            subtract_into(source, c, block)
+            block *= s
+        block += t
+
     if lay.b == 1:
         (rows, tail), (out, out_tail) = _rows(x, lay, xp), _rows(y, lay, xp)
         row_scale, row_shift = _tiled(scale, lay.k, xp), _tiled(shift, lay.k, xp)
+        row_center = None if center is None else _tiled(center, lay.k, xp)
 
         def rows_piece(piece: Sequence[tuple[int, int]]) -> None:
             for i, j in piece:
-                block = out[i:j]
-                multiply_into(rows[i:j], row_scale, block)
-                block += row_shift
+                finish(rows[i:j], row_center, row_scale, row_shift, out[i:j])
 
         _parallel(rows_piece, _pieces(_blocks(*rows.shape, x, xp)))
         if tail is not None:
-            multiply_into(tail, scale, out_tail)
-            out_tail += shift
+            finish(tail, center, scale, shift, out_tail)
         return y
     shape = (lay.a, lay.c, lay.b)
     cube, out = xp.reshape(x, shape), xp.reshape(y, shape)
@@ -328,11 +338,9 @@ def scale_shift(x: Array, scale: Array, shift: Array, lay: Layout, xp: ModuleTyp
 
     def channels_piece(channels: Sequence[int]) -> None:
         for ch in channels:
-            s, t = scale[ch], shift[ch]
+            c = None if center is None else center[ch]
             for i, j in spans:
-                block = out[i:j, ch, :]
-                multiply_into(cube[i:j, ch, :], s, block)
-                block += t
+                finish(cube[i:j, ch, :], c, scale[ch], shift[ch], out[i:j, ch, :])
 
     _parallel(channels_piece, _pieces(range(lay.c)))
     return y
@@ -360,14 +368,14 @@ def centred_sums(x: Array, dy: Array, mean: Array, lay: Layout, xp: ModuleType) 
 
         def rows_piece(piece: Sequence[tuple[int, int]]) -> list[Array]:
             centred, product = _buffer(blocks, rows.shape[1], x, xp), _buffer(blocks, rows.shape[1], x, xp)
-            sums: list[Array | None] = [None, None, None]
+            parts: list[list[Array]] = [[], [], []]
             for i, j in piece:
                 o, c, p = ones[: j - i], centred[: j - i], product[: j - i]
                 subtract_into(rows[i:j], row_mean, c)
                 multiply_into(grad_rows[i:j], c, p)
                 for s, block in enumerate((c, grad_rows[i:j], p)):
-                    sums[s] = _accumulate(sums[s], o @ block)
-            return sums  # type: ignore[return-value]
+                    parts[s].append(o @ block)
+            return [_combine(p) for p in parts]
 
         per_piece = _parallel(rows_piece, _pieces(blocks))
         folded = [_fold(_combine([piece[s] for piece in per_piece]), lay.k, lay.c, xp) for s in range(3)]
@@ -385,15 +393,15 @@ def centred_sums(x: Array, dy: Array, mean: Array, lay: Layout, xp: ModuleType) 
         per_channel = []
         for ch in channels:
             m = mean[ch]
-            totals: list[Array | None] = [None, None, None]
+            parts: list[list[Array]] = [[], [], []]
             for i, j in spans:
                 c, g = centred[: j - i], grad[i:j, ch, :]
                 subtract_into(cube[i:j, ch, :], m, c)
-                # row sums and row dot products through BLAS, then their sum
+                # row sums and row dot products through BLAS, then their (pairwise) sum
                 for s, row_values in enumerate((c @ ones, g @ ones, xp.vecdot(g, c))):
-                    totals[s] = _accumulate(totals[s], xp.sum(row_values))
-            per_channel.append(totals)
-        return per_channel  # type: ignore[return-value]
+                    parts[s].append(xp.sum(row_values))
+            per_channel.append([_combine(p) for p in parts])
+        return per_channel
 
     channels = [t for piece in _parallel(channels_piece, _pieces(range(lay.c))) for t in piece]
     return tuple(xp.stack([t[s] for t in channels]) for s in range(3))  # type: ignore[return-value]
@@ -455,3 +463,94 @@ def centred_affine(
 
     _parallel(channels_piece, _pieces(range(lay.c)))
     return out
+
+
+# ---------------------------------------------------------------------------
+# The schedule
+# ---------------------------------------------------------------------------
+
+
+def _single_channel(shape: Sequence[int], axes: Sequence[int]) -> int | None:
+    """The one axis a reduction over ``axes`` keeps, or None."""
+    kept = [i for i in range(len(shape)) if i not in {a % len(shape) for a in axes}]
+    return kept[0] if len(kept) == 1 else None
+
+
+def _channel_axis_of(shape: tuple[int, ...], *param_shapes: tuple[int, ...]) -> int | None:
+    """The one axis along which keepdims-shaped parameters vary, or None."""
+    varying = set()
+    for p in param_shapes:
+        if len(p) != len(shape):
+            return None
+        for i, (n, m) in enumerate(zip(shape, p, strict=True)):
+            if m != 1:
+                if m != n:
+                    return None
+                varying.add(i)
+    return varying.pop() if len(varying) == 1 else None
+
+
+def _vector(v: Array, kept: tuple[int, ...], xp: ModuleType) -> Array:
+    """A keepdims per-channel array as a contiguous ``(C,)`` vector."""
+    return xp.reshape(xp.broadcast_to(v, kept), (-1,))
+
+
+class NumpyBlocked(Ops):
+    """Eager, C-contiguous NumPy arrays of float32/float64 and at least 1 MiB, one channel axis (module docstring).
+
+    The statistics and the backward's sums add the same terms in another order
+    (BLAS dots along cache-sized blocks, the blocks' sums added pairwise); the
+    output's scale-and-shift and the backward's elementwise gradient are the
+    reference's operations, bit for bit.
+    """
+
+    name = "numpy-blocked"
+    bounds = {
+        "moments": "sum order",
+        "affine": "bitwise",
+        "coefficients": "bitwise",
+        "backward_sums": "sum order",
+        "backward_dx": "bitwise",
+    }
+
+    def moments(self, x: Array, axes: Sequence[int], xp: ModuleType) -> tuple[Array, Array]:
+        channel = _single_channel(x.shape, axes)
+        lay = None if channel is None else layout(x, channel, xp)
+        if lay is None:
+            return super().moments(x, axes, xp)
+        kept = tuple(n if i == channel else 1 for i, n in enumerate(x.shape))
+        mean, variance = channel_moments(x, lay, xp)
+        return xp.reshape(mean, kept), xp.reshape(variance, kept)
+
+    def affine(self, x: Array, scale: Array, shift: Array, center: Array | None, xp: ModuleType) -> Array:
+        params = (scale, shift) if center is None else (scale, shift, center)
+        if any(getattr(p, "dtype", None) != x.dtype for p in params):
+            return super().affine(x, scale, shift, center, xp)
+        channel = _channel_axis_of(tuple(x.shape), *(tuple(p.shape) for p in params))
+        lay = None if channel is None else layout(x, channel, xp)
+        if lay is None:
+            return super().affine(x, scale, shift, center, xp)
+        kept = tuple(n if i == channel else 1 for i, n in enumerate(x.shape))
+        vectors = [None if p is None else _vector(p, kept, xp) for p in (scale, shift, center)]
+        return affine(x, vectors[0], vectors[1], vectors[2], lay, xp)
+
+    def backward_sums(
+        self, x: Array, dy: Array, mean: Array, axes: Sequence[int], xp: ModuleType
+    ) -> tuple[Array, Array, Array]:
+        channel = _single_channel(x.shape, axes)
+        lay = None if channel is None or dy.dtype != x.dtype else layout(x, channel, xp)
+        if lay is None or layout(dy, channel, xp) is None:
+            return super().backward_sums(x, dy, mean, axes, xp)
+        kept = tuple(n if i == channel else 1 for i, n in enumerate(x.shape))
+        sums = centred_sums(x, dy, _vector(mean, kept, xp), lay, xp)
+        return tuple(xp.reshape(v, kept) for v in sums)  # type: ignore[return-value]
+
+    def backward_dx(self, x: Array, dy: Array, mean: Array, k: Array, p: Array, q: Array, xp: ModuleType) -> Array:
+        params = (mean, k, p, q)
+        channel = _channel_axis_of(tuple(x.shape), *(tuple(v.shape) for v in params))
+        same_types = dy.dtype == x.dtype and all(v.dtype == x.dtype for v in params)
+        lay = None if channel is None or not same_types else layout(x, channel, xp)
+        if lay is None or layout(dy, channel, xp) is None:
+            return super().backward_dx(x, dy, mean, k, p, q, xp)
+        kept = tuple(n if i == channel else 1 for i, n in enumerate(x.shape))
+        return centred_affine(x, dy, *(_vector(v, kept, xp) for v in params), lay, xp)

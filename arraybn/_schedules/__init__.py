@@ -1,0 +1,111 @@
+"""Schedules: faster computations of the reference arithmetic, one chosen per call, each one switchable off.
+
+The reference (``arraybn._reference``) defines every number arraybn computes.
+A schedule is a subclass of its `Ops` that computes some bulk operations
+faster for one kind of array: it declares, per operation, whether its result
+is the reference's bit for bit or differs within a bound (the order of a sum's
+additions), and ``tests/test_schedules.py`` holds it to that. A call picks its
+schedule once, at the top (`select`), from the input's library and the
+setting of `schedule`:
+
+====================  ================================================  ==========================
+name                  applies to                                        declared
+====================  ================================================  ==========================
+``reference``         everything (the plain Array API expressions)      the reference
+``numpy-blocked``     eager C-contiguous NumPy float32/float64 arrays   sums: order; else bitwise
+                      of at least 1 MiB, one channel axis
+``cupy-kernels``      eager CuPy float32/float64 arrays                 sums: order; else bitwise
+====================  ================================================  ==========================
+
+``with arraybn.schedule("reference"):`` runs the reference everywhere;
+``"auto"`` (the default) lets each call take the schedule for its library;
+a schedule's name runs that schedule where it applies and the reference
+elsewhere. ``ARRAYBN_CUDA_KERNELS=0`` keeps the CuPy kernels out of ``"auto"``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib
+import os
+from collections.abc import Iterator
+from types import ModuleType
+from typing import Any
+
+from .._namespace import is_cupy_array, is_numpy_array
+from .._reference import REFERENCE, Ops
+
+__all__ = ["available_schedules", "get_schedule", "schedule", "select"]
+
+Array = Any
+
+# name -> (module, class, which arrays it is for)
+_REGISTRY: dict[str, tuple[str, str]] = {
+    "numpy-blocked": ("numpy_blocked", "NumpyBlocked"),
+    "cupy-kernels": ("cupy_kernels", "CupyKernels"),
+}
+_CHOICES = ("auto", "reference", *_REGISTRY)
+_SETTING: contextvars.ContextVar[str] = contextvars.ContextVar("arraybn_schedule", default="auto")
+_INSTANCES: dict[str, Ops] = {}
+
+
+def available_schedules() -> dict[str, dict[str, str]]:
+    """Every schedule's name and its declared bound per operation (``"bitwise"``, or how it differs)."""
+    out = {"reference": {}}
+    for name in _REGISTRY:
+        out[name] = dict(_instance(name).bounds)
+    return out
+
+
+def get_schedule() -> str:
+    """The current setting: ``"auto"``, ``"reference"`` or a schedule's name."""
+    return _SETTING.get()
+
+
+@contextlib.contextmanager
+def schedule(name: str) -> Iterator[None]:
+    """Run the calls inside the ``with`` block under schedule ``name``.
+
+    ``"reference"`` computes with the reference's plain Array API expressions
+    only; ``"auto"`` lets every call take the schedule made for its arrays'
+    library; a schedule's name (`available_schedules`) takes that schedule
+    where it applies and the reference elsewhere. The setting is a context
+    variable: it holds for this thread (and asyncio task) only.
+    """
+    if name not in _CHOICES:
+        msg = f"Unknown schedule {name!r}; expected one of {list(_CHOICES)}."
+        raise ValueError(msg)
+    token = _SETTING.set(name)
+    try:
+        yield
+    finally:
+        _SETTING.reset(token)
+
+
+def _instance(name: str) -> Ops:
+    ops = _INSTANCES.get(name)
+    if ops is None:
+        module, cls = _REGISTRY[name]
+        ops = _INSTANCES[name] = getattr(importlib.import_module(f"{__name__}.{module}"), cls)()
+    return ops
+
+
+def _made_for(x: Array) -> str | None:
+    """The schedule made for ``x``'s library, if any (from the type: no backend is imported)."""
+    if is_numpy_array(x):
+        return "numpy-blocked"
+    if is_cupy_array(x):
+        return None if os.environ.get("ARRAYBN_CUDA_KERNELS", "1") == "0" else "cupy-kernels"
+    return None
+
+
+def select(x: Array, xp: ModuleType) -> Ops:
+    """The operations a call on ``x`` computes with: the reference's, or a schedule's (chosen once per call)."""
+    name = _made_for(x)  # first: a traced torch tensor has no schedule, and compilers cannot read the setting
+    if name is None:
+        return REFERENCE
+    setting = _SETTING.get()
+    if setting != "auto" and setting != name:
+        return REFERENCE
+    return _instance(name)
