@@ -36,7 +36,7 @@ from conftest import Backend, assert_close
 import arraybn
 from arraybn import _functional
 from arraybn._namespace import array_device, array_namespace, to_numpy
-from arraybn._reference import Ops
+from arraybn._reference import REFERENCE, Ops
 from arraybn._schedules import cupy_kernels as _accelerator
 
 SOURCE = Path(_accelerator.__file__).with_name("_kernels.cu")
@@ -446,3 +446,39 @@ def test_kernel_source_compiles_for_the_gpu_without_contractions(tmp_path: Path)
     entries = re.findall(r"\.entry (\w+)\(", text)
     assert sorted(entries) == sorted(f"{k}_{s}" for k in KERNELS for s in ("f32", "f64"))
     assert not re.search(r"\bfma\.", text), "a multiply-add was contracted into an FMA"
+
+
+@pytest.mark.parametrize(("kwargs", "shape"), [({"axis": -1}, (8, 5, 5, 16)), ({"axis": -1}, (300, 24))])
+def test_kernels_that_fail_fall_back_to_the_reference_with_one_warning(kwargs, shape, numpy_as_cupy, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A GPU where the kernels do not compile or launch: the first call still succeeds, in the reference."""
+    from arraybn import _schedules
+
+    monkeypatch.setattr(_schedules, "_DISABLED", {})
+
+    def broken(name: str) -> Any:
+        raise RuntimeError("nvrtc: error: compilation failed (simulated)")
+
+    monkeypatch.setattr(_accelerator, "_kernel", broken)
+    x, dy = _data(shape, 0, np.float32), _data(shape, 1, np.float32)
+    fast = arraybn.BatchNormalization(**kwargs)
+    with pytest.warns(RuntimeWarning, match="'cupy-kernels' schedule failed .*simulated") as caught:
+        y1 = fast(x, training=True)
+        y2 = fast(x, training=False)
+        grads = arraybn.batch_norm_vjp(x, *_weights_of(fast), dy, training=True, config=fast._config)
+    assert len([w for w in caught if issubclass(w.category, RuntimeWarning)]) == 1
+    assert "cupy-kernels" in _schedules.disabled()
+    plain = arraybn.BatchNormalization(**kwargs)
+    with monkeypatch.context() as m:
+        m.setattr(_functional, "select", lambda x, xp: REFERENCE)
+        want1, want2 = plain(x, training=True), plain(x, training=False)
+        want_grads = arraybn.batch_norm_vjp(x, *_weights_of(plain), dy, training=True, config=plain._config)
+    _assert_same_bits(y1, want1, "training output")
+    _assert_same_bits(y2, want2, "inference output")
+    _assert_same_layers(fast, plain, "state")
+    for got, want in zip(grads, want_grads, strict=True):
+        _assert_same_bits(got, want, "gradient")
+    assert not numpy_as_cupy  # no kernel ran
+
+
+def _weights_of(layer: Any) -> tuple[Any, Any]:
+    return arraybn.BNParams(layer.gamma, layer.beta), arraybn.BNState(layer.moving_mean, layer.moving_variance)

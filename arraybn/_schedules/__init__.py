@@ -21,14 +21,23 @@ name                  applies to                                        declared
 ``"auto"`` (the default) lets each call take the schedule for its library;
 a schedule's name runs that schedule where it applies and the reference
 elsewhere. ``ARRAYBN_CUDA_KERNELS=0`` keeps the CuPy kernels out of ``"auto"``.
+
+A schedule that fails where the reference would not (a CUDA kernel that does
+not compile or launch on the device at hand) is switched off for the rest of
+the process with one `RuntimeWarning` (`disable`); the operation that failed,
+and every later call, computes in the reference. A user's first call never
+raises because of a schedule.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import importlib
 import os
+import warnings
+from collections.abc import Callable
 from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
@@ -36,7 +45,7 @@ from typing import Any
 from .._namespace import is_cupy_array, is_numpy_array
 from .._reference import REFERENCE, Ops
 
-__all__ = ["available_schedules", "get_schedule", "schedule", "select"]
+__all__ = ["available_schedules", "disable", "falls_back", "get_schedule", "schedule", "select"]
 
 Array = Any
 
@@ -48,6 +57,7 @@ _REGISTRY: dict[str, tuple[str, str]] = {
 _CHOICES = ("auto", "reference", *_REGISTRY)
 _SETTING: contextvars.ContextVar[str] = contextvars.ContextVar("arraybn_schedule", default="auto")
 _INSTANCES: dict[str, Ops] = {}
+_DISABLED: dict[str, str] = {}  # name -> why (the first failure)
 
 
 def available_schedules() -> dict[str, dict[str, str]]:
@@ -91,13 +101,52 @@ def _instance(name: str) -> Ops:
     return ops
 
 
+def disable(name: str, error: BaseException) -> None:
+    """Switch schedule ``name`` off for the rest of the process after ``error``; warn once."""
+    if name in _DISABLED:
+        return
+    _DISABLED[name] = f"{type(error).__name__}: {error}"
+    msg = (
+        f"arraybn: the {name!r} schedule failed ({_DISABLED[name]}); this and every later call compute "
+        "with the reference Array API code instead (same results within the schedule's declared bound)."
+    )
+    warnings.warn(msg, RuntimeWarning, stacklevel=2)
+
+
+def disabled() -> dict[str, str]:
+    """The schedules switched off by a failure, with the first failure of each."""
+    return dict(_DISABLED)
+
+
+def falls_back(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorate a schedule's method: on any failure, `disable` the schedule and compute with `Ops`' method.
+
+    A schedule's methods do no input checking (the reference has checked
+    everything before they run), so an exception from one is the schedule's
+    own failure, never the user's.
+    """
+
+    @functools.wraps(method)
+    def run(self: Ops, *args: Any, **kwargs: Any) -> Any:
+        if self.name not in _DISABLED:
+            try:
+                return method(self, *args, **kwargs)
+            except Exception as error:  # noqa: BLE001 - any failure of the fast path: the reference takes over
+                disable(self.name, error)
+        return getattr(Ops, method.__name__)(self, *args, **kwargs)
+
+    return run
+
+
 def _made_for(x: Array) -> str | None:
     """The schedule made for ``x``'s library, if any (from the type: no backend is imported)."""
     if is_numpy_array(x):
-        return "numpy-blocked"
-    if is_cupy_array(x):
-        return None if os.environ.get("ARRAYBN_CUDA_KERNELS", "1") == "0" else "cupy-kernels"
-    return None
+        name = "numpy-blocked"
+    elif is_cupy_array(x):
+        name = None if os.environ.get("ARRAYBN_CUDA_KERNELS", "1") == "0" else "cupy-kernels"
+    else:
+        return None
+    return None if name in _DISABLED else name
 
 
 def select(x: Array, xp: ModuleType) -> Ops:

@@ -61,6 +61,7 @@ from typing import Any
 
 from .._namespace import array_device, is_cupy_array
 from .._reference import Coefficients, MovingUpdate, Ops, corrected_moments, fused_factors
+from . import falls_back
 
 Array = Any
 
@@ -249,6 +250,7 @@ class CupyKernels(Ops):
         "backward_dx": "bitwise",
     }
 
+    @falls_back
     def sum(self, x: Array, axes: Sequence[int], xp: ModuleType) -> Array:
         if not takes_kernels(x, xp):
             return super().sum(x, axes, xp)
@@ -257,6 +259,7 @@ class CupyKernels(Ops):
             return channel_sums(x, kept[0], xp).reshape(tuple(1 if i in axes else n for i, n in enumerate(x.shape)))
         return xp.sum(x, axis=tuple(axes), keepdims=True)  # CuPy's reduction adds along a tree
 
+    @falls_back
     def moments(self, x: Array, axes: Sequence[int], xp: ModuleType) -> tuple[Array, Array]:
         if not takes_kernels(x, xp):
             return super().moments(x, axes, xp)
@@ -269,6 +272,7 @@ class CupyKernels(Ops):
                 mean, self.sum(x - mean, axes, xp), self.sum(squared_difference(x, mean, xp), axes, xp), n, xp
             )
 
+    @falls_back
     def affine(self, x: Array, scale: Array, shift: Array, center: Array | None, xp: ModuleType) -> Array:
         params = (scale, shift) if center is None else (scale, shift, center)
         if not (takes_kernels(x, xp) and all(is_cupy_array(p) and p.dtype == x.dtype for p in params)):
@@ -276,6 +280,7 @@ class CupyKernels(Ops):
         with _device_of(x):
             return multiply_add(x, scale, shift, xp) if center is None else centred_multiply_add(x, center, scale, shift)
 
+    @falls_back
     def coefficients(
         self,
         rule: str,
@@ -303,6 +308,7 @@ class CupyKernels(Ops):
             return super().coefficients(rule, mean, variance, gamma, beta, epsilon, update, xp)
         return _launch_coefficients(rule, mean, variance, gamma, beta, epsilon, update, xp)
 
+    @falls_back
     def backward_sums(
         self, x: Array, dy: Array, mean: Array, axes: Sequence[int], xp: ModuleType
     ) -> tuple[Array, Array, Array]:
