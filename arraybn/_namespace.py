@@ -24,6 +24,7 @@ __all__ = [
     "is_array",
     "is_compiling",
     "is_cupy_array",
+    "is_torch_array",
     "is_numpy_array",
     "is_jax_namespace",
     "is_traced",
@@ -134,6 +135,11 @@ def stored(x: Any) -> Any:
 def is_numpy_array(x: Any) -> bool:
     """True for a NumPy array (from its type)."""
     return bool(array_api_compat.is_numpy_array(x))
+
+
+def is_torch_array(x: Any) -> bool:
+    """True for a torch tensor (from its type: torch is not imported for the check)."""
+    return bool(array_api_compat.is_torch_array(x))
 
 
 def is_cupy_array(x: Any) -> bool:

@@ -514,3 +514,108 @@ def test_statistics_keep_the_spread_of_large_mean_inputs(namespace, schedule) ->
     mean, var = (np.asarray(w, np.float64) for w in layer.get_weights()[2:])
     assert np.max(np.abs(mean - true_mean)) < 1e-4  # float32's spacing at 1000 is 6e-5
     assert np.max(np.abs(var / true_var - 1)) < 1e-5
+
+
+# ---------------------------------------------------------------------------
+# torch-eager: torch's reductions and in-place passes
+# ---------------------------------------------------------------------------
+
+TORCH_SHAPES = [((16, 28, 28, 32), 3), ((8, 32, 40, 40), 1), ((2048, 300), 1), ((3, 5, 4, 9, 16, 8), 2)]
+
+
+@pytest.fixture
+def torch_eager(monkeypatch):  # type: ignore[no-untyped-def]
+    torch = pytest.importorskip("torch")
+    from arraybn._schedules import torch_eager as module
+
+    monkeypatch.setattr(module, "_PIECE_BYTES", 1 << 16)  # many pieces, even on these small inputs
+    return torch, module.TorchEager(), pytest.importorskip("array_api_compat.torch")
+
+
+@pytest.mark.parametrize(("shape", "channel"), TORCH_SHAPES)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_torch_eager_elementwise_passes_are_bitwise_the_reference(torch_eager, shape, channel, dtype) -> None:  # type: ignore[no-untyped-def]
+    torch, ops, txp = torch_eager
+    rng = np.random.default_rng(30)
+    x, dy = (torch.from_numpy(rng.standard_normal(shape).astype(dtype)) for _ in range(2))
+    kept = tuple(n if i == channel else 1 for i, n in enumerate(shape))
+    a, b, m, k = (torch.from_numpy(rng.standard_normal(kept).astype(dtype)) for _ in range(4))
+    for center in (None, m):
+        got = ops.affine(x, a, b, center, txp)
+        assert torch.equal(got, REFERENCE.affine(x, a, b, center, txp))
+    assert torch.equal(ops.backward_dx(x, dy, m, k, a, b, txp), REFERENCE.backward_dx(x, dy, m, k, a, b, txp))
+    axes = [i for i in range(len(shape)) if i != channel]
+    got_sums = ops.backward_sums(x, dy, m, axes, txp)
+    want_sums = REFERENCE.backward_sums(x, dy, m, axes, txp)
+    for got, want in zip(got_sums, want_sums, strict=True):  # the same terms added in another order
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4 if dtype == "float32" else 1e-12, atol=1e-3)
+
+
+@pytest.mark.parametrize(("shape", "channel"), TORCH_SHAPES)
+@pytest.mark.parametrize("offset", [0.0, 1e3])
+def test_torch_eager_moments_match_a_float64_two_pass(torch_eager, shape, channel, offset) -> None:  # type: ignore[no-untyped-def]
+    torch, ops, txp = torch_eager
+    x = (np.random.default_rng(31).standard_normal(shape) * 0.5 + offset).astype(np.float32)
+    axes = [i for i in range(len(shape)) if i != channel]
+    ref_mean, ref_var = _reference(x, channel)
+    mean, variance = ops.moments(torch.from_numpy(x), axes, txp)
+    np.testing.assert_allclose(mean.numpy(), ref_mean, rtol=2e-7, atol=1e-7)
+    np.testing.assert_allclose(variance.numpy(), ref_var, rtol=2e-6)
+    total = ops.sum(torch.from_numpy(x), axes, txp)
+    x64 = x.astype(np.float64)
+    scale = np.abs(x64).sum(axis=tuple(axes), keepdims=True)  # a sum's rounding is relative to its terms' size
+    np.testing.assert_allclose(total.numpy(), x64.sum(axis=tuple(axes), keepdims=True), rtol=0, atol=1e-6 * scale.max())
+    assert ops.sum(torch.from_numpy(x), [], txp).shape == x.shape  # no axis: nothing summed (torch's dim=() sums all)
+
+
+def test_torch_eager_leaves_autograd_and_compiled_code_to_the_reference(torch_eager) -> None:  # type: ignore[no-untyped-def]
+    torch, ops, txp = torch_eager
+    from arraybn._schedules import torch_eager as module
+
+    x = torch.ones((4, 3), requires_grad=True)
+    assert not module._takes(x)
+    with torch.no_grad():
+        assert module._takes(x)
+    assert not module._takes(torch.ones((4, 3), dtype=torch.float16))
+    assert select(torch.ones((4, 3)), txp).name == "torch-eager"
+    # gradients through the layer on tensors that require them (the reference's expressions)
+    layer = arraybn.BatchNormalization()
+    x = torch.randn((8, 4, 4, 3), requires_grad=True)
+    layer(x, training=True).square().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize(("shape", "axis"), [((16, 32, 20, 20), 1), ((16, 24, 24, 32), -1), ((4096, 60), -1)])
+@pytest.mark.parametrize("training", [True, False])
+def test_torch_layers_agree_with_the_reference(torch_eager, shape, axis, training) -> None:  # type: ignore[no-untyped-def]
+    torch, _, _ = torch_eager
+    rng = np.random.default_rng(32)
+    x = torch.from_numpy((rng.standard_normal(shape) * 2 + 3).astype(np.float32))
+    dy = torch.from_numpy(rng.standard_normal(shape).astype(np.float32))
+
+    def run():  # type: ignore[no-untyped-def]
+        layer = arraybn.BatchNormalization(axis=axis)
+        y, ctx = layer.forward(x, training=training)
+        dx, grads = layer.backward(ctx, dy)
+        return y.numpy(), [np.asarray(w) for w in layer.get_weights()], [dx, grads["gamma"], grads["beta"]]
+
+    y, state, grads = run()
+    with arraybn.schedule("reference"):
+        y_ref, state_ref, grads_ref = run()
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(state, state_ref, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    for got, want in zip(grads, grads_ref, strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-3)
+
+
+def test_torch_eager_passes_the_goldens(torch_eager) -> None:  # type: ignore[no-untyped-def]
+    """Every 4th forward golden and every gradient golden on torch tensors, pieces of 64 KiB."""
+    from conformance import gradients, runner
+
+    torch, _, txp = torch_eager
+    summary = runner.run(xp=txp, progress=False, stride=4)
+    assert summary.outcomes, "no cases ran"
+    assert not summary.failures, summary.failure_text(limit=40)
+    failures = gradients.check(txp)
+    assert not failures, list(failures.items())[:10]

@@ -15,6 +15,8 @@ name                  applies to                                        declared
 ``numpy-blocked``     eager C-contiguous NumPy float32/float64 arrays   sums: order; else bitwise
                       of at least 1 MiB, one channel axis
 ``cupy-kernels``      eager CuPy float32/float64 arrays                 sums: order; else bitwise
+``torch-eager``       eager torch float32/float64 tensors (CPU, CUDA)   sums: order; else bitwise
+                      outside ``torch.compile`` and autograd
 ====================  ================================================  ==========================
 
 ``with arraybn.schedule("reference"):`` runs the reference everywhere;
@@ -42,7 +44,7 @@ from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
-from .._namespace import is_cupy_array, is_numpy_array
+from .._namespace import is_compiling, is_cupy_array, is_numpy_array, is_torch_array
 from .._reference import REFERENCE, Ops
 
 __all__ = ["available_schedules", "disable", "falls_back", "get_schedule", "schedule", "select"]
@@ -53,6 +55,7 @@ Array = Any
 _REGISTRY: dict[str, tuple[str, str]] = {
     "numpy-blocked": ("numpy_blocked", "NumpyBlocked"),
     "cupy-kernels": ("cupy_kernels", "CupyKernels"),
+    "torch-eager": ("torch_eager", "TorchEager"),
 }
 _CHOICES = ("auto", "reference", *_REGISTRY)
 _SETTING: contextvars.ContextVar[str] = contextvars.ContextVar("arraybn_schedule", default="auto")
@@ -144,6 +147,8 @@ def _made_for(x: Array) -> str | None:
         name = "numpy-blocked"
     elif is_cupy_array(x):
         name = None if os.environ.get("ARRAYBN_CUDA_KERNELS", "1") == "0" else "cupy-kernels"
+    elif is_torch_array(x) and not is_compiling(x):  # torch.compile plans its own passes
+        name = "torch-eager"
     else:
         return None
     return None if name in _DISABLED else name
