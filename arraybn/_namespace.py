@@ -25,6 +25,7 @@ __all__ = [
     "is_compiling",
     "is_cupy_array",
     "is_torch_array",
+    "is_dask_array",
     "is_numpy_array",
     "is_jax_namespace",
     "is_traced",
@@ -140,6 +141,11 @@ def is_numpy_array(x: Any) -> bool:
 def is_torch_array(x: Any) -> bool:
     """True for a torch tensor (from its type: torch is not imported for the check)."""
     return bool(array_api_compat.is_torch_array(x))
+
+
+def is_dask_array(x: Any) -> bool:
+    """True for a dask array (from its type: dask is not imported for the check)."""
+    return bool(array_api_compat.is_dask_array(x))
 
 
 def is_cupy_array(x: Any) -> bool:

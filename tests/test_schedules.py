@@ -427,7 +427,7 @@ def test_every_schedule_declares_a_bound_for_each_operation_it_replaces() -> Non
             continue
         assert bounds, name
         assert set(bounds) <= operations, name
-        assert all(b == "bitwise" or b == "sum order" for b in bounds.values()), (name, bounds)
+        assert all(b in ("bitwise", "sum order", "merge order") for b in bounds.values()), (name, bounds)
     assert set(declared["numpy-blocked"]) == set(blocked.NumpyBlocked.bounds)
 
 
@@ -619,3 +619,71 @@ def test_torch_eager_passes_the_goldens(torch_eager) -> None:  # type: ignore[no
     assert not summary.failures, summary.failure_text(limit=40)
     failures = gradients.check(txp)
     assert not failures, list(failures.items())[:10]
+
+
+# ---------------------------------------------------------------------------
+# dask-chunked: one pass over the chunks, bounded memory
+# ---------------------------------------------------------------------------
+
+
+def _lazy_large_mean(rows: int, chunk_rows: int):  # type: ignore[no-untyped-def]
+    da = pytest.importorskip("dask.array")
+    rs = da.random.RandomState(40)
+    return (1000.0 + 0.1 * rs.standard_normal((rows, 16), chunks=(chunk_rows, 16))).astype(np.float32)
+
+
+@pytest.mark.parametrize("setting", ["auto", "reference"])
+def test_dask_training_call_holds_a_few_chunks_not_the_array(setting) -> None:  # type: ignore[no-untyped-def]
+    """256 MiB generated lazily in 4 MiB chunks: the statistics, the new moving statistics and a reduction of the
+    output in one compute. The two-pass graph keeps every chunk for its second pass; the chunked one does not."""
+    dask = pytest.importorskip("dask")
+    x = _lazy_large_mean(2**22, 2**16)
+    layer = arraybn.BatchNormalization(momentum=0.0)
+    with arraybn.schedule(setting):
+        y = layer(x, training=True)
+    tracemalloc.start()
+    try:
+        mean, variance, total = dask.compute(
+            layer.moving_mean, layer.moving_variance, y.sum(axis=0), scheduler="synchronous"
+        )
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    nbytes = 2**22 * 16 * 4
+    if setting == "auto":
+        assert peak < nbytes // 8, f"peak {peak / 2**20:.0f} MiB"
+    else:  # the trap is real: the reference's two passes pin the array
+        assert peak > nbytes // 2, f"peak {peak / 2**20:.0f} MiB"
+    x64 = _lazy_large_mean(2**22, 2**16).astype(np.float64)
+    true_mean, true_var = dask.compute(x64.mean(axis=0), x64.var(axis=0), scheduler="synchronous")
+    assert np.max(np.abs(np.asarray(mean) - true_mean)) < 1e-4
+    assert np.max(np.abs(np.asarray(variance) / true_var - 1)) < 1e-5
+    assert np.all(np.abs(np.asarray(total)) < 2**22 * 1e-2)  # a normalized output sums to about 0
+
+
+def test_dask_chunked_statistics_agree_with_the_reference_and_count_unknown_chunks() -> None:
+    da = pytest.importorskip("dask.array")
+    from arraybn._schedules import dask_chunked
+
+    ops = dask_chunked.DaskChunked()
+    rng = np.random.default_rng(41)
+    x = (rng.standard_normal((3000, 7, 5)) * 3 + 20).astype(np.float32)
+    x[7, 2, 1] = np.nan
+    x[9, 4, 0] = np.inf
+    dx = da.from_array(x, chunks=(700, 7, 2))
+    txp = pytest.importorskip("array_api_compat.dask.array")
+    x64 = x.astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        want_mean = x64.mean(axis=(0, 2), keepdims=True)
+        want_var = ((x64 - want_mean) ** 2).mean(axis=(0, 2), keepdims=True)
+    for arr in (dx, dx[dx[:, 0, 0] > -np.inf]):  # known chunk sizes, then unknown ones (NaN)
+        with np.errstate(invalid="ignore"):  # inf - inf: NaN, as NumPy and TF compute it (here silently)
+            mean, variance = (np.asarray(v) for v in da.compute(*ops.moments(arr, (0, 2), txp), scheduler="sync"))
+        assert mean.shape == (1, 7, 1) and mean.dtype == np.float32
+        np.testing.assert_allclose(mean, want_mean, rtol=1e-7, equal_nan=True)
+        np.testing.assert_allclose(variance, want_var, rtol=1e-6, equal_nan=True)
+        assert np.isnan(mean[0, 2, 0]) and mean[0, 4, 0] == np.inf and np.isnan(variance[0, 4, 0])
+    with np.errstate(invalid="ignore"):
+        ref = [np.asarray(v) for v in REFERENCE.moments(x, (0, 2), xp)]
+    np.testing.assert_allclose(mean, ref[0], rtol=1e-6, equal_nan=True)
+    np.testing.assert_allclose(variance, ref[1], rtol=1e-5, equal_nan=True)

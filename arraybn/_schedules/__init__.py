@@ -17,6 +17,8 @@ name                  applies to                                        declared
 ``cupy-kernels``      eager CuPy float32/float64 arrays                 sums: order; else bitwise
 ``torch-eager``       eager torch float32/float64 tensors (CPU, CUDA)   sums: order; else bitwise
                       outside ``torch.compile`` and autograd
+``dask-chunked``      dask float32/float64 arrays on NumPy chunks       moments: merge order;
+                                                                        else bitwise
 ====================  ================================================  ==========================
 
 ``with arraybn.schedule("reference"):`` runs the reference everywhere;
@@ -44,7 +46,7 @@ from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
-from .._namespace import is_compiling, is_cupy_array, is_numpy_array, is_torch_array
+from .._namespace import is_compiling, is_cupy_array, is_dask_array, is_numpy_array, is_torch_array
 from .._reference import REFERENCE, Ops
 
 __all__ = ["available_schedules", "disable", "falls_back", "get_schedule", "schedule", "select"]
@@ -56,6 +58,7 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "numpy-blocked": ("numpy_blocked", "NumpyBlocked"),
     "cupy-kernels": ("cupy_kernels", "CupyKernels"),
     "torch-eager": ("torch_eager", "TorchEager"),
+    "dask-chunked": ("dask_chunked", "DaskChunked"),
 }
 _CHOICES = ("auto", "reference", *_REGISTRY)
 _SETTING: contextvars.ContextVar[str] = contextvars.ContextVar("arraybn_schedule", default="auto")
@@ -149,6 +152,8 @@ def _made_for(x: Array) -> str | None:
         name = None if os.environ.get("ARRAYBN_CUDA_KERNELS", "1") == "0" else "cupy-kernels"
     elif is_torch_array(x) and not is_compiling(x):  # torch.compile plans its own passes
         name = "torch-eager"
+    elif is_dask_array(x):
+        name = "dask-chunked"
     else:
         return None
     return None if name in _DISABLED else name
