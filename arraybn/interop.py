@@ -25,10 +25,9 @@ What maps exactly and what does not:
   neither (``affine``); Keras drops ``gamma`` with ``scale=False`` and ``beta`` with
   ``center=False``. A missing torch affine is exactly ``gamma = 1``, ``beta = 0``.
   ``num_batches_tracked`` has no Keras counterpart: ignored on import, written on export.
-* **Weight lists.** tf-keras (both its v1 and v2 layers) and Keras 3 order the weights
-  ``gamma, beta, moving_mean, moving_variance`` (absent ones left out), as arraybn;
-  tf-keras adds renorm's ``moving_stddev, renorm_mean, renorm_stddev``, which Keras 3
-  does not have.
+* **Weight lists.** tf-keras (its v1 and v2 layers) and Keras 3 (checked with 3.15.1)
+  order the weights ``gamma, beta, moving_mean, moving_variance`` (absent ones left out),
+  then renorm's ``moving_stddev, renorm_mean, renorm_stddev``, as arraybn does.
 """
 
 from __future__ import annotations
@@ -56,7 +55,6 @@ __all__ = [
 ]
 
 _TORCH_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-_RENORM = ("moving_stddev", "renorm_mean", "renorm_stddev")
 
 
 class SemanticsWarning(UserWarning):
@@ -252,27 +250,17 @@ def torch_state_dict(
 # --------------------------------------------------------------------------- #
 
 
-def _expected_names(layer: BatchNormalization, keras3: bool) -> list[str]:
-    names = list(layer.weight_names)
-    if keras3 and any(n in _RENORM for n in names):
-        msg = f"Layer {layer.name!r} uses renorm, which Keras 3's BatchNormalization does not have."
-        raise ValueError(msg)
-    return names
-
-
 def keras_weights(layer: BatchNormalization, *, keras3: bool = False) -> list[np.ndarray]:
     """The weight list ``set_weights`` of Keras's layer takes (NumPy copies).
 
-    tf-keras (``keras3=False``): the v1 layer's list, ``layer.get_weights()`` as it is.
-    Keras 3 (``keras3=True``): the same order ``gamma, beta, moving_mean,
-    moving_variance``; renorm layers raise ValueError (Keras 3 has no renorm). Keras 3
-    normalizes with the biased variance everywhere: a trainable layer on TF's fused path
-    warns (`SemanticsWarning`), since further training accumulates a different variance.
+    Both tf-keras and Keras 3 take ``layer.get_weights()`` as it is (``gamma, beta,
+    moving_mean, moving_variance``, then renorm's three). With ``keras3=True``, a trainable
+    layer on TF's fused path warns (`SemanticsWarning`): Keras 3 averages the biased batch
+    variance everywhere, so further training accumulates a different moving variance.
     """
     if not layer.built:
         msg = f"Layer {layer.name!r} is not built: call it (or `build`) first."
         raise ValueError(msg)
-    _expected_names(layer, keras3)
     if keras3:
         _warn_variance(layer, other="Keras 3's layer", other_unbiased=False)
     return layer.get_weights()
@@ -287,7 +275,7 @@ def load_keras_weights(layer: BatchNormalization, weights: Sequence[Any], *, ker
     if not layer.built:
         msg = f"Layer {layer.name!r} is not built: call it (or `build`) first."
         raise ValueError(msg)
-    names = _expected_names(layer, keras3)
+    names = layer.weight_names
     if len(weights) != len(names):
         msg = (
             f"Expected {len(names)} weights ({', '.join(names)}) for layer {layer.name!r} "

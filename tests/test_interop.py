@@ -171,9 +171,7 @@ def test_keras_weight_order_is_tf_order(center: bool, scale: bool) -> None:
 def test_keras3_conventions() -> None:
     renorm = arraybn.BatchNormalization(renorm=True)
     renorm.build((4, 3))
-    assert len(interop.keras_weights(renorm)) == 7  # tf-keras keeps renorm's three
-    with pytest.raises(ValueError, match="renorm"):
-        interop.keras_weights(renorm, keras3=True)
+    assert len(interop.keras_weights(renorm)) == 7  # renorm's three after the four
     fused = arraybn.BatchNormalization()
     fused.build((2, 4, 4, 3))
     with pytest.warns(interop.SemanticsWarning, match="biased"):
