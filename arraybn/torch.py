@@ -39,20 +39,27 @@ class BatchNormalization(nn.Module):
     axis
         The channel axis of the inputs, **1 by default** (torch's NCHW layout; the Keras
         layer's default is -1). One axis; Keras's list of axes is not supported here.
-    momentum, epsilon, center, scale, fused, renorm, ...
-        The Keras layer's arguments, with its defaults and meanings (``momentum=0.99`` is
-        torch's ``momentum=0.01``; see `arraybn.interop`). ``dtype`` is a Keras dtype
-        policy (``"float32"``, ``"float64"``, ``"mixed_float16"``, ...): it fixes the
-        weights' dtype, so convert the module with ``dtype=`` rather than ``.double()``.
+    momentum, epsilon
+        The Keras layer's (``momentum=0.99`` is torch's ``momentum=0.01``; see
+        `arraybn.interop`).
+    trainable
+        ``False`` is the v1 meaning: moving statistics frozen, gamma and beta without
+        gradients (``requires_grad=False``), batch statistics still used in training mode.
     device
         Where the weights are made (``.to(device)`` moves them later).
+    **kwargs
+        The Keras layer's other arguments (``center``, ``scale``, ``fused``, ``renorm``,
+        initializers, regularizers, constraints, ...), with its defaults and meanings.
+        ``dtype`` is a Keras dtype policy (``"float32"``, ``"float64"``,
+        ``"mixed_float16"``, ...): it fixes the weights' dtype, so make the module with
+        ``dtype=`` rather than converting it with ``.double()``.
 
+    Notes
+    -----
     ``module.train()`` (the default) normalizes with batch statistics and updates the
     moving statistics, as ``layer(x, training=True)``; ``module.eval()`` uses the moving
     statistics, as ``layer(x, training=False)``. ``forward(x, training=...)`` overrides the
-    mode for one call. ``trainable=False`` is the v1 meaning: moving statistics frozen,
-    gamma and beta without gradients (``requires_grad=False``), batch statistics still used
-    in training mode.
+    mode for one call.
 
     Examples
     --------
