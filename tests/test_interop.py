@@ -9,6 +9,9 @@ and the layer goldens (outputs and moving statistics after every call; for the
 from __future__ import annotations
 
 import functools
+import os
+import subprocess
+import sys
 import warnings
 from typing import Any
 
@@ -23,6 +26,9 @@ from conformance import runner as R
 
 torch = pytest.importorskip("torch")
 from arraybn.torch import BatchNormalization as TorchBN  # noqa: E402
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _single_axis(axis: Any) -> int | None:
@@ -208,6 +214,12 @@ def test_module_surface() -> None:
         TorchBN(4, axis=[1])
 
 
+def test_importing_arraybn_and_its_converters_imports_no_torch() -> None:
+    code = "import sys, arraybn, arraybn.interop; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+    assert interop.TorchBatchNorm is TorchBN
+
+
 def test_module_from_torch() -> None:
     m = _trained_torch(torch.nn.BatchNorm2d, (8, 3, 4, 4))
     bn = TorchBN.from_torch(m).eval()
@@ -232,8 +244,11 @@ def _module_for(kwargs: dict[str, Any], weights: dict[str, np.ndarray]) -> Any:
     return bn
 
 
-def test_module_matches_tf_gradients() -> None:
+@pytest.mark.parametrize("device", [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)])
+def test_module_matches_tf_gradients(device: str) -> None:
     """Every gradient golden with one channel axis: y, dx, dgamma, dbeta through torch autograd."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("torch CUDA: no GPU on this machine")
     doc, arrays = _grad_goldens()
     failures, n = {}, 0
     for case in doc["cases"]:
@@ -242,21 +257,21 @@ def test_module_matches_tf_gradients() -> None:
         if case["result"]["status"] != "ok" or axis is None or "virtual_batch_size" in kw:
             continue
         inp = G.case_inputs(case, arrays)
-        bn = _module_for({**inp["kwargs"], "axis": axis}, inp["weights"])
+        bn = _module_for({**inp["kwargs"], "axis": axis}, inp["weights"]).to(device)
         for p in (bn.gamma, bn.beta):
             if p is not None:
                 p.requires_grad_(True)  # TF's tape watches them even when the layer is frozen
         bn.train(case["training"])
-        x = torch.tensor(inp["x"], requires_grad=True)
+        x = torch.tensor(inp["x"], device=device, requires_grad=True)
         fused = bool(case["result"]["fused"])
-        mask = None if inp["mask"] is None or fused else torch.tensor(inp["mask"])
+        mask = None if inp["mask"] is None or fused else torch.tensor(inp["mask"], device=device)
         y = bn(x, mask=mask)
-        y.backward(torch.tensor(inp["dy"]))
-        got = {"y": y.detach().numpy(), "dx": x.grad.numpy()}
+        y.backward(torch.tensor(inp["dy"], device=device))
+        got = {"y": y.detach().cpu().numpy(), "dx": x.grad.cpu().numpy()}
         if bn.gamma is not None:
-            got["dgamma"] = bn.gamma.grad.numpy()
+            got["dgamma"] = bn.gamma.grad.cpu().numpy()
         if bn.beta is not None:
-            got["dbeta"] = bn.beta.grad.numpy()
+            got["dbeta"] = bn.beta.grad.cpu().numpy()
         problems = G.check_case(case, arrays, got)
         if problems:
             failures[case["id"]] = problems
@@ -265,9 +280,11 @@ def test_module_matches_tf_gradients() -> None:
     assert not failures, failures
 
 
-def _layer_cases(stride: int) -> list[tuple[Any, dict[str, Any]]]:
+@functools.lru_cache(maxsize=1)
+def _layer_cases() -> list[tuple[Any, dict[str, Any]]]:
+    """The layer goldens the module can run: TF ran them, one channel axis, no ghost batches."""
     out = []
-    for chunk, case in R.iter_cases(exclude=r"^errors/", stride=stride):
+    for chunk, case in R.iter_cases(exclude=r"^errors/"):
         kw = case["init_kwargs"]
         if case["status"] != "ok" or kw.get("virtual_batch_size") is not None:
             continue
@@ -351,9 +368,7 @@ def test_module_matches_tf_moving_statistics(group: str) -> None:
     backend = R.get_backend("torch")
     stride = {"dtype": 25, "affine": 20, "core": 15}.get(group, 1)
     failures, n = {}, 0
-    for chunk, case in _layer_cases(stride):
-        if chunk.group != group:
-            continue
+    for chunk, case in [c for c in _layer_cases() if c[0].group == group][::stride]:
         res = _drive_module(chunk, case, backend)
         if res.pop("skip", False):
             continue
