@@ -282,7 +282,7 @@ def load_keras_weights(layer: BatchNormalization, weights: Sequence[Any], *, ker
             f"(center={layer.center}, scale={layer.scale}); got {len(weights)}."
         )
         raise ValueError(msg)
-    layer.set_weights([to_numpy(w) if hasattr(w, "shape") else w for w in weights])
+    layer.set_weights(list(weights))  # NumPy arrays, or anything NumPy converts (Keras variables)
     if keras3:
         _warn_variance(layer, other="Keras 3's layer", other_unbiased=False)
 

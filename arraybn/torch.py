@@ -213,5 +213,14 @@ class BatchNormalization(nn.Module):
             if self.beta is not None and t.beta_constraint is not None:
                 self.beta.copy_(t.beta_constraint(self.beta.detach()))
 
+    def __getstate__(self) -> dict[str, Any]:
+        """For ``copy.deepcopy`` and ``torch.save(module)``: the built layers (which hold the array
+        namespace, a module object) are left out and rebuilt by the next call."""
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        state = dict(state)
+        state["_layers"] = {}
+        state["_last"] = None
+        return state
+
     def extra_repr(self) -> str:
         return f"{self.num_features}, axis={self.axis}, momentum={self.momentum}, epsilon={self.epsilon}"

@@ -8,7 +8,9 @@ and the layer goldens (outputs and moving statistics after every call; for the
 
 from __future__ import annotations
 
+import copy
 import functools
+import io
 import os
 import subprocess
 import sys
@@ -204,6 +206,12 @@ def test_module_surface() -> None:
     bn.eval()
     bn2.eval()
     assert torch.equal(bn(x), bn2(x))
+    clone = copy.deepcopy(bn)  # and torch.save(bn): the built layers are rebuilt by the next call
+    assert clone.gamma is not bn.gamma and torch.equal(clone(x), bn(x))
+    buf = io.BytesIO()
+    torch.save(bn, buf)
+    buf.seek(0)
+    assert torch.equal(torch.load(buf, weights_only=False)(x), bn(x))
     frozen = TorchBN(4, trainable=False, scale=False)
     assert frozen.gamma is None and not frozen.beta.requires_grad
     with pytest.raises(ValueError, match="channels"):
