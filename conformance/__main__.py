@@ -20,6 +20,9 @@ def main(argv=None):
                      help="pkg.module:factory; factory(init_kwargs) -> layer (default: arraybn.BatchNormalization)")
     who.add_argument("--exec", dest="exec_cmd", default=None,
                      help="external program; called as CMD DIR (see docs/conformance.md)")
+    ap.add_argument("--schedule", default="auto",
+                    help="arraybn's schedule for the run: auto (default), reference (the plain Array API "
+                         "code only) or a schedule's name (see arraybn.available_schedules())")
     ap.add_argument("--include", default=None, help="regex on case ids to run")
     ap.add_argument("--exclude", default=None, help="regex on case ids to skip")
     ap.add_argument("--goldens", default=runner.DEFAULT_GOLDENS)
@@ -45,9 +48,12 @@ def main(argv=None):
         for _, case in runner.iter_cases(a.goldens, a.include, a.exclude, a.stride):
             print(case["id"], case["status"])
         return 0
-    s = runner.run(backend=a.backend, impl=a.impl, exec_cmd=a.exec_cmd, include=a.include, exclude=a.exclude,
-                   goldens=a.goldens, xfails=a.xfails or None, report_dir=a.report,
-                   progress=not a.no_progress, exec_batch=a.exec_batch, stride=a.stride)
+    import arraybn
+
+    with arraybn.schedule(a.schedule):
+        s = runner.run(backend=a.backend, impl=a.impl, exec_cmd=a.exec_cmd, include=a.include, exclude=a.exclude,
+                       goldens=a.goldens, xfails=a.xfails or None, report_dir=a.report,
+                       progress=not a.no_progress, exec_batch=a.exec_batch, stride=a.stride)
     c = Counter(o.status for o in s.outcomes)
     print(f"{s.impl} on {s.backend}: {len(s.outcomes)} cases in {s.elapsed:.1f}s -- "
           + ", ".join(f"{k} {c.get(k, 0)}" for k in ("pass", "fail", "xfail", "xpass", "skip")))
