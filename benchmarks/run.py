@@ -12,6 +12,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -168,8 +169,30 @@ def run_worker(python: str, phase: str, backends: list[str], args: argparse.Name
 # ---------------------------------------------------------------------------
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+        return out.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def _versions() -> dict[str, str]:
-    out = {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": str(os.cpu_count())}
+    out = {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": str(os.cpu_count()),
+           "cpu": _cpu_model(), "commit": _commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     for mod in ("arraybn", "numpy", "array_api_compat", "torch", "jax", "cupy", "tensorflow", "tf_keras"):
         m = sys.modules.get(mod)
         if m is not None:
@@ -201,6 +224,41 @@ def _mem(row: dict[str, Any]) -> str:
     if eb is None:
         return "–"
     return f"{eb / 2**20:.1f} MiB ({eb / row['input_bytes']:.2f}× x)"
+
+
+SPREAD_LIMIT = 0.2  # an interquartile range above this fraction of the median: the timing is not to be trusted
+FLOOR_SLACK = 0.9  # a ratio to the copy below 90% of the memory-traffic floor cannot be a real measurement
+
+
+def flags(r: dict[str, Any], copy_ms: float | None) -> list[str]:
+    """Why a measurement cannot be trusted: a median whose spread is large, a time below the memory floor."""
+    out = []
+    if r.get("status") != "ok":
+        return out
+    if (r["q3_s"] - r["q1_s"]) > SPREAD_LIMIT * r["median_s"]:
+        out.append(f"spread {100 * (r['q3_s'] - r['q1_s']) / r['median_s']:.0f}% of the median: rerun")
+    if r["mode"] != "copy" and copy_ms is not None:
+        floor = MODES[r["mode"]][1]
+        if r["median_s"] * 1e3 / copy_ms < FLOOR_SLACK * floor:
+            out.append(
+                f"{r['median_s'] * 1e3 / copy_ms:.2f}x a copy, below the memory floor {floor:.1f}x: "
+                "the copy or this call was disturbed (or the output is lazy); rerun"
+            )
+    return out
+
+
+def load_warning(meta: dict[str, Any]) -> str | None:
+    """A warning when the machine was busy while it measured."""
+    cpus = meta["versions"].get("cpus")
+    loads = [v for k in ("start", "end") for v in (meta["load_average"].get(k) or [])[:1]]
+    try:
+        busy = cpus is not None and loads and max(loads) > 0.5 * float(cpus)
+    except (TypeError, ValueError):
+        return None
+    if busy:
+        return (f"**The machine was busy** (load average up to {max(loads):.2f} on {cpus} CPUs): "
+                "the timings are not a quiet machine's; rerun before quoting them.")
+    return None
 
 
 def ratio_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -235,12 +293,24 @@ def ratio_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def markdown(results: list[dict[str, Any]], skipped: dict[str, str], meta: dict[str, Any]) -> str:
     lines = ["# arraybn benchmark", ""]
+    v = meta["versions"]
+    lines.append(f"{v.get('date', '?')}, commit {v.get('commit', '?')}, {v.get('cpu', '?')} ({v.get('cpus', '?')} CPUs); "
+                 f"command: `python -m benchmarks {' '.join(meta.get('argv', []))}`")
+    lines.append("")
     lines.append(
         f"{meta['warmup']} warm-up + {meta['repeats']} timed calls per measurement; medians. float32. "
         + ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
         + f". Load average at start {meta['load_average']['start']}, at end {meta['load_average']['end']}"
         + f" ({meta['versions'].get('cpus', '?')} CPUs)."
     )
+    warning = load_warning(meta)
+    copies = {(r["case"], r["family"]): _ms(r) for r in results if r["kind"] == "copy"}
+    flagged = {id(r): flags(r, copies.get((r["case"], r["family"]))) for r in results}
+    n_flagged = sum(bool(f) for f in flagged.values())
+    if warning:
+        lines += ["", warning]
+    if n_flagged:
+        lines += ["", f"**{n_flagged} measurement(s) flagged** (see the note column below): rerun before quoting them."]
     lines += ["", "## arraybn against its peers and the copy", ""]
     lines.append("| case | mode | arraybn on | median ms | ×TF | ×torch F | ×copy | floor ×copy | peak extra memory |")
     lines.append("|---|---|---|---:|---:|---:|---:|---:|---|")
@@ -260,9 +330,10 @@ def markdown(results: list[dict[str, Any]], skipped: dict[str, str], meta: dict[
             continue
         floor = 1.0 if r["mode"] == "copy" else MODES[r["mode"]][1]
         gbs = 2 * floor * r["input_bytes"] / r["median_s"] / 1e9
+        note = "; ".join([n for n in (r["note"], *flagged[id(r)]) if n])
         lines.append(
             f"| {r['case']} | {mode_label} | {r['implementation']} | {r['median_s'] * 1e3:.2f} | "
-            f"{(r['q3_s'] - r['q1_s']) * 1e3:.2f} | {gbs:.1f} | {_mem(r)} | {r['note']} |"
+            f"{(r['q3_s'] - r['q1_s']) * 1e3:.2f} | {gbs:.1f} | {_mem(r)} | {note} |"
         )
     if skipped:
         lines += ["", "## Skipped", ""]

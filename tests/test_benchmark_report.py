@@ -1,0 +1,34 @@
+"""The benchmark report flags timings that cannot be real (below the memory floor) or are noisy."""
+
+from __future__ import annotations
+
+from benchmarks import run
+
+
+def _row(mode: str, median_ms: float, iqr_ms: float = 0.0) -> dict:  # type: ignore[type-arg]
+    m = median_ms / 1e3
+    return {"status": "ok", "mode": mode, "median_s": m, "q1_s": m - iqr_ms / 2e3, "q3_s": m + iqr_ms / 2e3}
+
+
+def test_a_steady_time_above_the_floor_is_not_flagged() -> None:
+    assert run.flags(_row("train", 4.0, 0.1), copy_ms=2.0) == []  # 2x a copy, floor 1.5x
+    assert run.flags(_row("infer", 2.0, 0.1), copy_ms=2.0) == []  # 1x a copy, floor 1.0x
+
+
+def test_times_below_the_memory_floor_are_flagged() -> None:
+    # torch 2-D training at 0.75x a copy and inference at 0.17x, as seen with --quick on a busy machine
+    assert "below the memory floor 1.5x" in run.flags(_row("train", 1.5), copy_ms=2.0)[0]
+    assert "0.17x a copy, below the memory floor 1.0x" in run.flags(_row("infer", 0.34), copy_ms=2.0)[0]
+    assert run.flags(_row("train", 1.5), copy_ms=None) == []  # no copy measured: nothing to compare
+
+
+def test_a_large_spread_is_flagged() -> None:
+    (flag,) = run.flags(_row("train", 10.0, 3.0), copy_ms=2.0)
+    assert flag.startswith("spread 30% of the median")
+
+
+def test_a_busy_machine_is_named_in_the_report() -> None:
+    meta = {"versions": {"cpus": "2"}, "load_average": {"start": [1.9, 1.0, 0.5], "end": [0.2, 0.2, 0.2]}}
+    assert "busy" in run.load_warning(meta)
+    meta["load_average"]["start"] = [0.1, 0.1, 0.1]
+    assert run.load_warning(meta) is None
