@@ -8,8 +8,8 @@ This schedule keeps TF's statistics (mean and biased variance per channel)
 and changes how they are formed:
 
 * each chunk's count, mean and centred sum of squares, computed from the chunk
-  alone with the reference's corrected two-pass moments (or the schedule for
-  the chunk's library), in the chunk's dtype;
+  alone with the reference's corrected two-pass sums (or the schedule for the
+  chunk's library) in the chunk's dtype, the correction applied in float64;
 * the chunks' results merged exactly in float64 (Chan, Golub and LeVeque:
   ``mean = sum(n_i * mean_i) / n``, ``M2 = sum(M2_i + n_i * (mean_i - mean) ** 2)``),
   then rounded once to the input's dtype;
@@ -48,7 +48,14 @@ def _is_numpy_backed(x: Array) -> bool:
 
 
 def _chunk_statistics(block: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
-    """``(count, mean, centred sum of squares)`` of one chunk, stacked on a new leading axis, in float64."""
+    """``(count, mean, centred sum of squares)`` of one chunk, stacked on a new leading axis, in float64.
+
+    The reference's corrected two-pass in the chunk's dtype (``m0 = sum(x) / n``,
+    ``d = x - m0``), with the correction applied in float64: the chunk's mean is
+    ``m0 + sum(d) / n`` unrounded, and its centred sum of squares
+    ``sum(d ** 2) - sum(d) ** 2 / n``. (A chunk mean rounded to float32 would
+    put its rounding error into the merge's between-chunk term.)
+    """
     from . import select
 
     kept = tuple(1 if i in axes else n for i, n in enumerate(block.shape))
@@ -57,10 +64,17 @@ def _chunk_statistics(block: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
     if n == 0:
         return out  # an empty chunk adds nothing
     xp = _numpy_namespace()
-    mean, variance = select(block, xp).moments(block, axes, xp)
+    ops = select(block, xp)
+    m0 = ops.sum(block, axes, xp) / float(n)
+    d = block - m0
+    sum_d = np.asarray(ops.sum(d, axes, xp), np.float64)
+    d *= d
+    sum_d2 = np.asarray(ops.sum(d, axes, xp), np.float64)
+    correction = sum_d / n
+    finite = np.isfinite(correction)  # an infinite or NaN chunk: its statistics are what they are
     out[0] = n
-    out[1] = mean
-    out[2] = np.asarray(variance, np.float64) * n
+    out[1] = np.asarray(m0, np.float64) + np.where(finite, correction, 0.0)
+    out[2] = np.where(finite, sum_d2 - sum_d * np.where(finite, correction, 0.0), sum_d2)
     return out
 
 
