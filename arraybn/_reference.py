@@ -90,15 +90,6 @@ def float32_value(value: float) -> float:
         return math.copysign(math.inf, float(value))
 
 
-def _host_f32(value: Any) -> float | None:
-    """``value`` rounded to float32 as a Python float; None where it is no host number.
-
-    Exact as a float64 number: a float32 value is a float64 value, so small
-    constants can be formed on the host and still be TF's float32 tensors.
-    """
-    return float32_value(value) if isinstance(value, numbers.Real) else None
-
-
 def f32_operand(value: Any, dtype: Any, xp: ModuleType, device: Any) -> Any:
     """``tf.cast(tf.convert_to_tensor(value), dtype)`` as an operand for arrays of ``dtype``.
 
@@ -106,9 +97,8 @@ def f32_operand(value: Any, dtype: Any, xp: ModuleType, device: Any) -> Any:
     the array's dtype (exactly, as it holds a float32 value). A 0-d array for
     16-bit dtypes, where some libraries would compute with the unrounded scalar.
     """
-    host = _host_f32(value)
-    if host is not None and (dtype == xp.float32 or dtype == xp.float64):
-        return host
+    if isinstance(value, numbers.Real) and (dtype == xp.float32 or dtype == xp.float64):
+        return float32_value(value)  # exact as a float64 number: still TF's float32 tensor
     return cast(xp.full((), value, dtype=xp.float32, device=device), dtype, xp)
 
 
@@ -261,6 +251,9 @@ class Ops:
         are summed the same way, then the rest's sum is added. Sizes that are
         not known (dask's NaN) fall back to the namespace's own sum.
         """
+        n = count_of(x.shape, axes)
+        if unknown_size(n) or n <= SUM_LEAF:  # one partial sum holds them all
+            return xp.sum(x, axis=tuple(axes), keepdims=True)
         for axis in sorted(axes, reverse=True):
             x = self._sum_axis(x, axis, xp)
         return x
