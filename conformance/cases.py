@@ -890,7 +890,7 @@ def behaviours(case):
             tags.add("path:fused" if fused else "path:nonfused")
             if kw.get("fused") is True and not fused:
                 tags.add("fused_fallback")
-        if True in trainings and trainable and fused is not None:
+        if True in trainings and trainable and fused is not None and mom != 1:  # momentum 1: nothing moves
             tags.add("moving_variance:bessel" if fused else "moving_variance:biased")
             if isinstance(mom, (int, float)) and not isinstance(mom, bool) and compute == "float64" \
                     and float(1.0 - mom) != float(_f32(1.0 - mom)):
