@@ -805,7 +805,7 @@ BEHAVIOURS = {
     "rank:1": "rank-1 input: nothing to reduce",
     "rank:5": "rank-5 input",
     "policy:float64": "float64 policy: float64 variables and compute",
-    "policy:float16": "float16 policy: float16 variables and compute",
+    "policy:float16": "float16 policy: float16 inputs, compute and outputs; the batch-norm weights stay float32",
     "policy:mixed": "mixed_float16/mixed_bfloat16: float32 variables, 16-bit compute and outputs",
     "policy:bfloat16": "a bfloat16 policy",
     "cast:input": "the input is cast to the compute dtype (input dtype differs from the policy's)",

@@ -35,8 +35,41 @@ PACKAGES = {
     "ONNX Runtime BatchNormalization": ["onnxruntime", "onnx"],
 }
 
+_F16 = ("a float16 policy ported as float16 everywhere keeps gamma, beta and the moving statistics in float16; "
+        "TF's batch norm keeps the weights of a 16-bit policy in float32, so the moving statistics (and with "
+        "them the outputs) drift by float16 roundings.")
+_ROUND = ("float64 moving statistics decay by `1 - momentum` computed in float64; TF rounds `1 - momentum` to "
+          "float32 first (about 1e-9 relative).")
+_ADAPTER_AXIS = ("the adapter rejects `axis=['a']` at construction (TypeError); TF at build: an artefact of the "
+                 "adapter's argument parsing, not of the framework.")
+
 #: plain words for a deviation found, per (framework, behaviour); printed only where the run shows it
 EXPLAIN = {
+    **{(f, "policy:float16"): _F16 for f in ("torch.nn.functional.batch_norm", "torch.nn.BatchNorm*d",
+                                             "flax.linen.BatchNorm", "ONNX Runtime BatchNormalization")},
+    **{(f, "momentum:rounding"): _ROUND for f in ("flax.linen.BatchNorm", "ONNX Runtime BatchNormalization")},
+    **{(f, "error:TypeError@build"): _ADAPTER_AXIS for f in (
+        "torch.nn.functional.batch_norm", "torch.nn.BatchNorm*d", "flax.linen.BatchNorm",
+        "ONNX Runtime BatchNormalization")},
+    ("keras.layers.BatchNormalization (Keras 3)", "policy:float16"):
+        "Keras 3 under a float16 policy keeps its batch-norm weights in float16; TF keeps them in float32.",
+    ("keras.layers.BatchNormalization (Keras 3)", "regularizer"):
+        "Keras 3 no longer accepts the regularizer name `\"l1_l2\"` (`ValueError: Could not interpret "
+        "regularizer identifier` at construction).",
+    ("keras.layers.BatchNormalization (Keras 3)", "error:ValueError@step"):
+        "a constraint over an axis the parameters do not have: TF raises ValueError at the optimizer step, "
+        "Keras 3 (torch backend) an IndexError.",
+    ("keras.layers.BatchNormalization (Keras 3)", "error:TypeError@call"):
+        "`momentum=None`: Keras 3 raises at construction, TF only when a call reads it.",
+    ("torch.nn.BatchNorm*d", "path:nonfused"):
+        "the running variance is updated with the unbiased batch variance (as torch.nn.functional), and a "
+        "call without an explicit mode (`training=None`) runs a new module in training mode.",
+    ("flax.linen.BatchNorm", "mask:fully_masked"):
+        "with every position masked Flax divides 0 by 0 (NaN outputs); TF's divide-no-nan gives mean 0 and "
+        "variance 0.",
+    ("ONNX Runtime BatchNormalization", "error:ValueError@call"):
+        "a second call with another number of channels: ONNX Runtime raises its own InvalidArgument error "
+        "(not a ValueError).",
     ("torch.nn.functional.batch_norm", "moving_variance:biased"):
         "torch always updates `running_var` with the unbiased batch variance (divided by n - 1); TF's "
         "non-fused path uses the biased one (divided by n), so every training update of the moving "
@@ -102,7 +135,7 @@ def _slug(name):
 
 def run_one(name, spec, reports, stride, include):
     out = os.path.join(reports, _slug(name))
-    cmd = [sys.executable, "-m", "conformance", "--impl", spec, "--numerics-only", "--xfails", "",
+    cmd = [sys.executable, "-m", __package__, "--impl", spec, "--numerics-only", "--xfails", "",
            "--no-progress", "--report", out, "--stride", str(stride)]
     if include:
         cmd += ["--include", include]
@@ -136,7 +169,7 @@ def _cpu():
     return platform.processor() or "?"
 
 
-def write_page(results, path, command, wall):
+def write_page(results, path, command, wall, load=None, cpu_s=None):
     man = runner.load_manifest()
     tfv = man.get("versions", {})
     commit = _git("rev-parse", "--short", "HEAD") + (" (with uncommitted changes)" if _git("status", "--porcelain",
@@ -149,7 +182,11 @@ def write_page(results, path, command, wall):
          "(the 60 bfloat16 cases are skipped: NumPy has no bfloat16).", "",
          f"Date {datetime.date.today().isoformat()}, commit `{commit}`, machine: {_cpu()}, "
          f"{os.cpu_count()} cores, {platform.system()} {platform.machine()}, Python {platform.python_version()}; "
-         f"the whole matrix took {wall:.0f} s wall clock.", "",
+         f"the whole matrix took {wall:.0f} s wall clock"
+         + (f" ({cpu_s:.0f} CPU-seconds in the adapters' processes)" if cpu_s is not None else "")
+         + (f"; load average {load[0]:.1f} at the start, {load[1]:.1f} at the end (other work shared the machine: "
+            "the times per framework are upper bounds)" if load and max(load) > (os.cpu_count() or 1) else
+            f"; load average {load[0]:.1f} at the start, {load[1]:.1f} at the end" if load else "") + ".", "",
          "An adapter maps TF's arguments to the framework's conventions and raises `NotImplementedError` "
          "for what the framework cannot express (`unsupported`); the remaining failures are deviations. "
          "Each case is tagged with the TF behaviours it exercises (`conformance.cases.behaviours`); "
@@ -215,7 +252,8 @@ def write_page(results, path, command, wall):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m conformance.matrix", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default=os.path.join(ROOT, "docs", "frameworks.md"))
+    ap.add_argument("--out", default=os.path.join(ROOT, "docs", "frameworks.md") if os.path.isdir(
+        os.path.join(ROOT, "docs")) else "frameworks.md")
     ap.add_argument("--reports", default=os.path.join(ROOT, "build", "matrix"))
     ap.add_argument("--stride", type=int, default=1)
     ap.add_argument("--include", default=None, help="regex on case ids")
@@ -223,14 +261,19 @@ def main(argv=None):
     ap.add_argument("--only", default=None, help="substring of the framework names to run")
     a = ap.parse_args(argv)
     names = [n for n in ADAPTERS if not a.only or a.only in n]
+    import resource
+
+    load0 = os.getloadavg()[0]
     t0 = time.time()
     with ThreadPoolExecutor(a.jobs) as ex:
         results = list(ex.map(lambda n: run_one(n, ADAPTERS[n], a.reports, a.stride, a.include), names))
     wall = time.time() - t0
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = ru.ru_utime + ru.ru_stime
     cmd = "python -m conformance.matrix" + "".join(
         f" {k} {v}" for k, v in (("--stride", a.stride if a.stride != 1 else None), ("--include", a.include),
                                  ("--only", a.only)) if v)
-    write_page(results, a.out, cmd, wall)
+    write_page(results, a.out, cmd, wall, (load0, os.getloadavg()[0]), cpu_s)
     for r in results:
         print(r["name"], "ERROR" if "error" in r else r["counts"], f"{r['wall_s']:.0f}s")
     print(f"matrix: {wall:.0f} s -> {a.out}")

@@ -17,9 +17,9 @@ ports: run them with ``--numerics-only`` (none of them has Keras's ``get_config`
 """
 
 ADAPTERS = {
-    "torch.nn.functional.batch_norm": "conformance.adapters.torch_functional:factory",
-    "torch.nn.BatchNorm*d": "conformance.adapters.torch_module:factory",
-    "keras.layers.BatchNormalization (Keras 3)": "conformance.adapters.keras3:factory",
-    "flax.linen.BatchNorm": "conformance.adapters.flax_linen:factory",
-    "ONNX Runtime BatchNormalization": "conformance.adapters.onnxruntime_op:factory",
+    "torch.nn.functional.batch_norm": f"{__name__}.torch_functional:factory",
+    "torch.nn.BatchNorm*d": f"{__name__}.torch_module:factory",
+    "keras.layers.BatchNormalization (Keras 3)": f"{__name__}.keras3:factory",
+    "flax.linen.BatchNorm": f"{__name__}.flax_linen:factory",
+    "ONNX Runtime BatchNormalization": f"{__name__}.onnxruntime_op:factory",
 }
