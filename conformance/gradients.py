@@ -569,6 +569,70 @@ def check(xp: Any = None, device: Any = None, directory: str = GOLDEN_DIR) -> di
     return failures
 
 
+def run_port_case(case: dict[str, Any], arrays: dict[str, np.ndarray], factory: Any, xp: Any,
+                  device: Any = None) -> dict[str, Any]:
+    """A port's ``y`` and VJP for a case through the public layer protocol only (the main suite's
+    ``--impl`` factory, plus ``forward``/``backward``):
+
+    ``layer = factory(init_kwargs)``; ``layer.build(input_shape, xp=..., device=...)``;
+    ``layer.set_weights([...])`` in ``weight_names`` order; ``y, ctx = layer.forward(x, training=...,
+    mask=...)``; ``dx, grads = layer.backward(ctx, dy)`` with ``grads`` ``{"gamma": ..., "beta": ...}``
+    (empty for a frozen layer). Returns NumPy ``{"y", "dx", "dgamma", "dbeta"}``; ``layer.fused``,
+    where the port has it, must be TF's.
+    """
+    import warnings
+
+    from .runner import to_numpy
+
+    inp = case_inputs(case, arrays)
+    layer = factory(inp["kwargs"])
+    layer.build(tuple(case["input_shape"]), xp=xp, device=device)
+    layer.set_weights([inp["weights"][n] for n in case["result"]["weight_names"]])
+    fused = getattr(layer, "fused", None)
+    if fused is not None and bool(fused) != bool(case["result"]["fused"]):
+        msg = f"fused={fused!r}, TensorFlow fused={case['result']['fused']!r}"
+        raise AssertionError(msg)
+    x = to_backend(inp["x"], xp, device)
+    dy = to_backend(inp["dy"], xp, device)
+    mask = None if inp["mask"] is None else to_backend(inp["mask"], xp, device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TF warns too (a mask on the fused path)
+        y, ctx = layer.forward(x, training=inp["training"], mask=mask)
+        dx, grads = layer.backward(ctx, dy)
+    out = {"y": to_numpy(y)[0], "dx": to_numpy(dx)[0]}
+    out.update({"d" + k: to_numpy(v)[0] for k, v in grads.items()})
+    return out
+
+
+def check_port(factory: Any, xp: Any = None, device: Any = None, directory: str = GOLDEN_DIR) -> dict[str, Any]:
+    """Replay every recorded case through `run_port_case`; ``{"failures": {id: problems},
+    "unsupported": {id: reason}, "ran": n}``. A frozen layer's missing ``dgamma``/``dbeta`` is not a problem."""
+    if xp is None:
+        import array_api_compat
+
+        xp = array_api_compat.array_namespace(np.empty(0))
+    doc, arrays = load(directory)
+    failures, unsupported, ran = {}, {}, 0
+    for case in doc["cases"]:
+        if case["result"]["status"] != "ok" or supported(case, xp):
+            continue
+        ran += 1
+        try:
+            res = run_port_case(case, arrays, factory, xp, device)
+        except NotImplementedError as exc:
+            unsupported[case["id"]] = str(exc)[:200]
+            continue
+        except Exception as exc:  # noqa: BLE001 - reported per case
+            failures[case["id"]] = [f"raised {type(exc).__name__}: {exc}"]
+            continue
+        problems = check_case(case, arrays, res)
+        if case["init_kwargs"].get("trainable") is False:
+            problems = [p for p in problems if p not in ("dgamma: missing", "dbeta: missing")]
+        if problems:
+            failures[case["id"]] = problems
+    return {"failures": failures, "unsupported": unsupported, "ran": ran}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m conformance.gradients", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -578,6 +642,8 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("check", help="replay the goldens with arraybn")
     c.add_argument("--dir", default=GOLDEN_DIR)
     c.add_argument("--backend", default="numpy", help="numpy, array_api_strict, torch, dask")
+    c.add_argument("--impl", default=None, metavar="PKG.MOD:FACTORY",
+                   help="check a port through its public forward/backward (default: arraybn's functional core)")
     args = ap.parse_args(argv)
     if args.cmd == "generate":
         t0 = time.perf_counter()
@@ -591,6 +657,15 @@ def main(argv: list[str] | None = None) -> int:
 
     mod = importlib.import_module({"dask": "dask.array"}.get(args.backend, args.backend))
     xp = mod if args.backend == "array_api_strict" else array_api_compat.array_namespace(mod.asarray([1.0]))
+    if args.impl:
+        from .runner import load_factory
+
+        r = check_port(load_factory(args.impl), xp, directory=args.dir)
+        for cid, probs in r["failures"].items():
+            print(cid, *probs, sep="\n  ")
+        print(f"{r['ran']} cases: {r['ran'] - len(r['failures']) - len(r['unsupported'])} pass, "
+              f"{len(r['failures'])} fail, {len(r['unsupported'])} unsupported", file=sys.stderr)
+        return 1 if r["failures"] else 0
     failures = check(xp, directory=args.dir)
     for cid, probs in failures.items():
         print(cid, *probs, sep="\n  ")

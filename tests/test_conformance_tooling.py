@@ -280,3 +280,16 @@ def test_torch_adapter_finds_torchs_deviations():
     # training, one value per channel refused in training
     causes = [c[0] for c in likely_causes(s.outcomes)[0]]
     assert causes == ["moving_variance:biased", "epsilon:0", "reduction:1"]
+
+
+# --------------------------------------------------------------------------- #
+# Gradient goldens through the public layer protocol
+# --------------------------------------------------------------------------- #
+
+def test_gradient_goldens_through_the_public_protocol():
+    from conformance import gradients
+
+    r = gradients.check_port(runner.load_factory(None))
+    assert r["ran"] > 300 and not r["failures"] and not r["unsupported"], r["failures"]
+    r = gradients.check_port(toy.factory)  # the toy has no forward/backward pair
+    assert r["ran"] > 300 and len(r["unsupported"]) + len(r["failures"]) == r["ran"]
