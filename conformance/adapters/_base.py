@@ -56,7 +56,7 @@ def to_numpy(x):
 
 class PortLayer:
     framework = "?"
-    #: the framework moves the channel axis itself (Keras, Flax); otherwise it is moved to position 1
+    #: whether ``forward`` takes TF's mask (otherwise a masked call raises NotImplementedError)
     supports_mask = False
 
     def __init__(self, **kwargs):

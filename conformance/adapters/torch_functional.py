@@ -15,9 +15,6 @@ import numpy as np
 
 from ._base import PortLayer, unsupported
 
-_TORCH_DT = {}
-
-
 def _dt(name):
     import torch
 
