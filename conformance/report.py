@@ -199,7 +199,7 @@ def heatmap(summary, path):
             ax.text(j, i, t, ha="center", va="center", fontsize=5)
     for ax in axes.ravel()[len(pairs):]:
         ax.axis("off")
-    fig.suptitle(f"Pass (%) by argument pair: {summary.impl} on {summary.backend}; colour: pass share of the "
+    fig.suptitle(f"Pass (%) by argument pair: {summary.impl} on {summary.backend}\ncolour: pass share of the "
                  f"cases run; u: unsupported %, x: expected failures % (not counted as pass); grey: all unsupported",
                  fontsize=9)
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6)
