@@ -293,3 +293,13 @@ def test_gradient_goldens_through_the_public_protocol():
     assert r["ran"] > 300 and not r["failures"] and not r["unsupported"], r["failures"]
     r = gradients.check_port(toy.factory)  # the toy has no forward/backward pair
     assert r["ran"] > 300 and len(r["unsupported"]) + len(r["failures"]) == r["ran"]
+
+
+def test_gradient_goldens_through_an_external_program():
+    from conformance import gradients
+
+    r = gradients.check_exec(f"{sys.executable} -m conformance.grad_exec")
+    assert r["ran"] > 300 and not r["failures"] and not r["unsupported"], list(r["failures"].items())[:3]
+    r = gradients.check_exec("false", batch=500)  # a program that always crashes: every case fails, no abort
+    assert len(r["failures"]) == r["ran"]
+    assert all("external program failed on this case alone: exit status 1" in p[0] for p in r["failures"].values())
