@@ -774,3 +774,211 @@ if __name__ == "__main__":  # pragma: no cover
     for g in groups():
         print(f"{g['name']:16s} {len(g['cases']):6d}")
     print("total", sum(len(g["cases"]) for g in groups()))
+
+
+# --------------------------------------------------------------------------- #
+# TF behaviours a case exercises
+# --------------------------------------------------------------------------- #
+
+#: tag -> what TF does (the rule a port has to follow); reports and docs/frameworks.md use it.
+BEHAVIOURS = {
+    "path:fused": "v1 layer on the fused kernel (rank 4/5, one axis 1 or last, no renorm/ghost batches/"
+                  "adjustment, compute dtype not float64; fused=None means True)",
+    "path:nonfused": "v1 layer on the non-fused path (tf.nn.moments + tf.nn.batch_normalization)",
+    "fused_fallback": "fused=True asked for but silently not possible: the v1 layer falls back to non-fused",
+    "moving_variance:bessel": "fused training updates the moving variance with the unbiased (n/(n-1)) variance",
+    "moving_variance:biased": "non-fused training updates the moving variance with the biased batch variance",
+    "momentum:rounding": "decay = float32(1 - momentum), also for float64 variables",
+    "momentum:0": "momentum=0: the moving statistics become the batch's",
+    "momentum:1": "momentum=1: the moving statistics never change",
+    "momentum:not_a_number": "momentum None or a bool: read only by the updates that run",
+    "epsilon:0": "epsilon=0 accepted on both paths (no floor)",
+    "epsilon:tiny": "epsilon below 1.001e-5 used as given (no cuDNN floor)",
+    "reduction:1": "one value per channel in a training batch (variance 0; Bessel uses max(n - 1, 1))",
+    "training:none": "training=None is inference in eager tf-keras v1",
+    "inference_first": "an inference call before any training call (initial moving statistics)",
+    "frozen": "trainable=False: training calls normalize with batch statistics, no moving update",
+    "center:off": "center=False: no beta",
+    "scale:off": "scale=False: no gamma",
+    "axis:multi": "several feature axes (parameters of rank > 1)",
+    "axis:not_last": "a feature axis other than the last (channels first)",
+    "rank:1": "rank-1 input: nothing to reduce",
+    "rank:5": "rank-5 input",
+    "policy:float64": "float64 policy: float64 variables and compute",
+    "policy:float16": "float16 policy: float16 inputs, compute and outputs; the batch-norm weights stay float32",
+    "policy:mixed": "mixed_float16/mixed_bfloat16: float32 variables, 16-bit compute and outputs",
+    "policy:bfloat16": "a bfloat16 policy",
+    "cast:input": "the input is cast to the compute dtype (input dtype differs from the policy's)",
+    "float16:large": "float16 inputs whose variance overflows in half precision (computed in float32)",
+    "renorm": "batch renormalization (renorm=True)",
+    "renorm:clipping": "renorm_clipping with rmax/rmin/dmax",
+    "ghost_batch": "virtual_batch_size: ghost batches",
+    "ghost_batch:nondividing": "virtual_batch_size not dividing the batch: error in training only",
+    "adjustment": "an adjustment callable (scale, bias) applied in training",
+    "mask": "a mask: frequency weights for the moments on the non-fused path",
+    "mask:ignored_on_fused": "a mask on the fused path: ignored (with a warning)",
+    "mask:fully_masked": "every position masked: mean 0 and variance 0 (divide-no-nan)",
+    "weights:set": "set_weights with given values after build",
+    "initializer": "a non-default initializer",
+    "initializer:random": "a random initializer (only shapes compared)",
+    "regularizer": "gamma/beta regularizers: layer.losses",
+    "activity_regularizer": "activity_regularizer: layer.losses after every call",
+    "constraint": "gamma/beta constraints applied after an optimizer step",
+    "config": "get_config() in Keras's serialized form",
+}
+
+
+def _policy_name(dtype):
+    if isinstance(dtype, dict):
+        dtype = (dtype.get("config") or {}).get("name")
+    return dtype
+
+
+def _compute_dtype(policy):
+    return {None: "float32", "float32": "float32", "float64": "float64", "float16": "float16",
+            "mixed_float16": "float16", "bfloat16": "bfloat16", "mixed_bfloat16": "bfloat16"}.get(policy)
+
+
+def effective_fused(case):
+    """The v1 layer's ``fused`` after build, from the case's arguments (docs/semantics.md, section 1);
+    None where the arguments do not give a layer that builds."""
+    kw = case["init_kwargs"]
+    rank = len(case["input_shape"])
+    if kw.get("fused", None) is False:
+        return False
+    axis = kw.get("axis", -1)
+    axes = axis if isinstance(axis, list) else [axis]
+    if not all(isinstance(a, int) and not isinstance(a, bool) for a in axes) or not axes:
+        return None
+    if not all(-rank <= a < rank for a in axes):
+        return None
+    axes = sorted({a % rank for a in axes})
+    compute = _compute_dtype(_policy_name(kw.get("dtype")))
+    if compute is None:
+        return None
+    return (rank in (4, 5) and len(axes) == 1 and axes[0] in (1, rank - 1)
+            and not kw.get("renorm") and not kw.get("virtual_batch_size") and kw.get("adjustment") is None
+            and compute != "float64")
+
+
+def behaviours(case):
+    """Sorted tags (keys of `BEHAVIOURS`, plus ``error:<Type>@<stage>`` for a case TF rejects) of the
+    TF rules a case exercises, from its arguments; works on a definition of `groups()` and on a
+    golden case record (which adds the recorded error)."""
+    tags = set()
+    kw = case.get("init_kwargs") or {}
+    group = case["id"].split("/", 1)[0]
+    err = case.get("error")
+    if err and case.get("status", "error") == "error":
+        tags.add(f"error:{err.get('expected_type') or err.get('tf_type')}@{err.get('stage')}")
+    try:
+        shape = [int(s) for s in case["input_shape"]]
+        rank = len(shape)
+        fused = effective_fused(case)
+        if err and case.get("status", "error") == "error" and err.get("stage") in ("init", "build"):
+            fused = None  # no layer to run
+        policy = _policy_name(kw.get("dtype"))
+        compute = _compute_dtype(policy)
+        calls = case.get("calls") or []
+        trainings = [c.get("training") for c in calls]
+        trainable = kw.get("trainable", True) is not False
+        mom = kw.get("momentum", 0.99)
+        eps = kw.get("epsilon", 1e-3)
+        vbs = kw.get("virtual_batch_size")
+        masked = [c for c in calls if c.get("mask") is not None]
+        if fused is not None:
+            tags.add("path:fused" if fused else "path:nonfused")
+            if kw.get("fused") is True and not fused:
+                tags.add("fused_fallback")
+        if True in trainings and trainable and fused is not None and mom != 1:  # momentum 1: nothing moves
+            tags.add("moving_variance:bessel" if fused else "moving_variance:biased")
+            if isinstance(mom, (int, float)) and not isinstance(mom, bool) and compute == "float64" \
+                    and float(1.0 - mom) != float(_f32(1.0 - mom)):
+                tags.add("momentum:rounding")
+        if mom is None or isinstance(mom, bool):
+            tags.add("momentum:not_a_number")
+        elif mom == 0:
+            tags.add("momentum:0")
+        elif mom == 1:
+            tags.add("momentum:1")
+        if isinstance(eps, (int, float)) and not isinstance(eps, bool):
+            if eps == 0:
+                tags.add("epsilon:0")
+            elif eps < 1.001e-5:
+                tags.add("epsilon:tiny")
+        axis = kw.get("axis", -1)
+        axes = axis if isinstance(axis, list) else [axis]
+        if all(isinstance(a, int) and not isinstance(a, bool) and -rank <= a < rank for a in axes) and axes:
+            nax = sorted({a % rank for a in axes})
+            if len(nax) > 1:
+                tags.add("axis:multi")
+            if nax[-1] != rank - 1:
+                tags.add("axis:not_last")
+            if True in trainings:
+                n = 1
+                for i, s in enumerate(shape):
+                    if i not in nax:
+                        n *= s
+                if isinstance(vbs, int) and vbs > 0 and shape[0] % vbs == 0:
+                    n = n // shape[0] * vbs
+                if n == 1:
+                    tags.add("reduction:1")
+        if rank == 1:
+            tags.add("rank:1")
+        elif rank == 5:
+            tags.add("rank:5")
+        if None in trainings:
+            tags.add("training:none")
+        if trainings and trainings[0] is not True:
+            tags.add("inference_first")
+        if not trainable and True in trainings:
+            tags.add("frozen")
+        if kw.get("center") is False:
+            tags.add("center:off")
+        if kw.get("scale") is False:
+            tags.add("scale:off")
+        if policy in ("float64", "float16"):
+            tags.add(f"policy:{policy}")
+        elif policy in ("mixed_float16", "mixed_bfloat16"):
+            tags.add("policy:mixed")
+        if policy in ("bfloat16", "mixed_bfloat16"):
+            tags.add("policy:bfloat16")
+        if compute and case.get("input_dtype", "float32") != compute:
+            tags.add("cast:input")
+        if case.get("magnitude", 1.0) and case.get("magnitude", 1.0) > 100 and case.get("input_dtype") == "float16":
+            tags.add("float16:large")
+        if kw.get("renorm"):
+            tags.add("renorm")
+            if kw.get("renorm_clipping"):
+                tags.add("renorm:clipping")
+        if vbs:
+            tags.add("ghost_batch")
+            if isinstance(vbs, int) and vbs > 0 and shape[0] % vbs:
+                tags.add("ghost_batch:nondividing")
+        if kw.get("adjustment") is not None:
+            tags.add("adjustment")
+        if masked:
+            tags.add("mask:ignored_on_fused" if fused else "mask")
+            if group == "fully_masked" or any(c.get("mask") == "all" for c in masked):
+                tags.add("mask:fully_masked")
+        if case.get("weights") == "random" and not case.get("random_initializer"):
+            tags.add("weights:set")
+        if any(k.endswith("_initializer") for k in kw):
+            tags.add("initializer")
+            if case.get("random_initializer"):
+                tags.add("initializer:random")
+        if kw.get("gamma_regularizer") or kw.get("beta_regularizer"):
+            tags.add("regularizer")
+        if kw.get("activity_regularizer"):
+            tags.add("activity_regularizer")
+        if kw.get("gamma_constraint") or kw.get("beta_constraint") or case.get("step"):
+            tags.add("constraint")
+    except (TypeError, ValueError, KeyError, ZeroDivisionError):
+        tags.add("arguments:invalid")
+    return sorted(tags)
+
+
+def _f32(v):
+    import struct
+
+    return struct.unpack("f", struct.pack("f", v))[0]

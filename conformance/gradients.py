@@ -569,6 +569,170 @@ def check(xp: Any = None, device: Any = None, directory: str = GOLDEN_DIR) -> di
     return failures
 
 
+def run_port_case(case: dict[str, Any], arrays: dict[str, np.ndarray], factory: Any, xp: Any,
+                  device: Any = None) -> dict[str, Any]:
+    """A port's ``y`` and VJP for a case through the public layer protocol only (the main suite's
+    ``--impl`` factory, plus ``forward``/``backward``):
+
+    ``layer = factory(init_kwargs)``; ``layer.build(input_shape, xp=..., device=...)``;
+    ``layer.set_weights([...])`` in ``weight_names`` order; ``y, ctx = layer.forward(x, training=...,
+    mask=...)``; ``dx, grads = layer.backward(ctx, dy)`` with ``grads`` ``{"gamma": ..., "beta": ...}``
+    (empty for a frozen layer). Returns NumPy ``{"y", "dx", "dgamma", "dbeta"}``; ``layer.fused``,
+    where the port has it, must be TF's.
+    """
+    import warnings
+
+    from .runner import to_numpy
+
+    inp = case_inputs(case, arrays)
+    layer = factory(inp["kwargs"])
+    layer.build(tuple(case["input_shape"]), xp=xp, device=device)
+    layer.set_weights([inp["weights"][n] for n in case["result"]["weight_names"]])
+    fused = getattr(layer, "fused", None)
+    if fused is not None and bool(fused) != bool(case["result"]["fused"]):
+        msg = f"fused={fused!r}, TensorFlow fused={case['result']['fused']!r}"
+        raise AssertionError(msg)
+    x = to_backend(inp["x"], xp, device)
+    dy = to_backend(inp["dy"], xp, device)
+    mask = None if inp["mask"] is None else to_backend(inp["mask"], xp, device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TF warns too (a mask on the fused path)
+        y, ctx = layer.forward(x, training=inp["training"], mask=mask)
+        dx, grads = layer.backward(ctx, dy)
+    out = {"y": to_numpy(y)[0], "dx": to_numpy(dx)[0]}
+    out.update({"d" + k: to_numpy(v)[0] for k, v in grads.items()})
+    return out
+
+
+def check_port(factory: Any, xp: Any = None, device: Any = None, directory: str = GOLDEN_DIR) -> dict[str, Any]:
+    """Replay every recorded case through `run_port_case`; ``{"failures": {id: problems},
+    "unsupported": {id: reason}, "ran": n}``. A frozen layer's missing ``dgamma``/``dbeta`` is not a problem."""
+    if xp is None:
+        import array_api_compat
+
+        xp = array_api_compat.array_namespace(np.empty(0))
+    doc, arrays = load(directory)
+    failures, unsupported, ran = {}, {}, 0
+    for case in doc["cases"]:
+        if case["result"]["status"] != "ok" or supported(case, xp):
+            continue
+        ran += 1
+        try:
+            res = run_port_case(case, arrays, factory, xp, device)
+        except NotImplementedError as exc:
+            unsupported[case["id"]] = str(exc)[:200]
+            continue
+        except Exception as exc:  # noqa: BLE001 - reported per case
+            failures[case["id"]] = [f"raised {type(exc).__name__}: {exc}"]
+            continue
+        problems = check_case(case, arrays, res)
+        if case["init_kwargs"].get("trainable") is False:
+            problems = [p for p in problems if p not in ("dgamma: missing", "dbeta: missing")]
+        if problems:
+            failures[case["id"]] = problems
+    return {"failures": failures, "unsupported": unsupported, "ran": ran}
+
+
+def _exec_request(items: list[dict[str, Any]], arrays: dict[str, np.ndarray]) -> tuple[dict, dict]:
+    req = {"format_version": FORMAT_VERSION, "kind": "gradients", "cases": []}
+    out = {}
+    for case in items:
+        p = f"{case['index']:04d}."
+        names = case["result"]["weight_names"]
+        ref = {}
+        for k in ["x", "dy", "mask"] + ["w." + n for n in names]:
+            if p + k in arrays:
+                out[p + k] = arrays[p + k]
+                ref[k] = {"key": p + k, "index": None}
+        req["cases"].append({
+            "id": case["id"], "init_kwargs": case["init_kwargs"], "input_shape": case["input_shape"],
+            "input_dtype": case["input_dtype"], "training": case["training"], "weight_names": names,
+            "x": ref["x"], "dy": ref["dy"], "mask": ref.get("mask"),
+            "weights": [ref["w." + n] for n in names],
+        })
+    return req, out
+
+
+def _exec_batch(cmd: str, items: list[dict[str, Any]], arrays: dict[str, np.ndarray], workdir: str,
+                timeout: float | None) -> dict[str, Any]:
+    import shlex
+    import subprocess
+
+    os.makedirs(workdir, exist_ok=True)
+    req, inputs = _exec_request(items, arrays)
+    with open(os.path.join(workdir, "request.json"), "w") as f:
+        json.dump(req, f, sort_keys=True)
+    np.savez(os.path.join(workdir, "inputs.npz"), **inputs)
+    try:
+        proc = subprocess.run([*shlex.split(cmd), workdir], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"no answer within {timeout} s") from None
+    if proc.returncode != 0:
+        raise RuntimeError(f"exit status {proc.returncode}: {proc.stderr[-1000:].strip()}")
+    with open(os.path.join(workdir, "response.json")) as f:
+        resp = json.load(f)["cases"]
+    with np.load(os.path.join(workdir, "outputs.npz"), allow_pickle=False) as z:
+        got = {k: z[k] for k in z.files}
+    results = {}
+    for case in items:
+        r = resp.get(case["id"])
+        if r is None:
+            results[case["id"]] = {"problems": ["no result"]}
+        elif r.get("unsupported") or (r.get("error") or {}).get("type") == "NotImplementedError":
+            results[case["id"]] = {"unsupported": str(r.get("unsupported") or r["error"].get("message", ""))}
+        elif r.get("error"):
+            results[case["id"]] = {"problems": [f"raised {r['error'].get('type')}: {r['error'].get('message', '')}"]}
+        else:
+            results[case["id"]] = {"results": {k: got[v] for k, v in r.items() if k in ("y", "dx", "dgamma", "dbeta")}}
+    return results
+
+
+def check_exec(cmd: str, directory: str = GOLDEN_DIR, batch: int = 200, timeout: float | None = None,
+               dtypes: tuple[str, ...] = ("float16", "float32", "float64")) -> dict[str, Any]:
+    """Replay the gradient goldens through an external program (docs/conformance.md, "Gradients"):
+    ``CMD DIR`` with ``DIR/request.json`` + ``inputs.npz``; the program writes ``response.json``
+    (``{"cases": {id: {"y": KEY, "dx": KEY, "dgamma": KEY, "dbeta": KEY} | {"unsupported": why} |
+    {"error": {...}}}}``) and ``outputs.npz``. A batch on which the program crashes is rerun case by
+    case; a case it crashes on alone fails. Returns the same dict as `check_port`."""
+    import shutil
+    import tempfile
+
+    doc, arrays = load(directory)
+    todo = [c for c in doc["cases"] if c["result"]["status"] == "ok"
+            and {c["input_dtype"], COMPUTE[c["init_kwargs"]["dtype"]]} <= set(dtypes)]
+    failures, unsupported = {}, {}
+    tmp = tempfile.mkdtemp(prefix="conformance-grad-exec-")
+
+    def run(items, wd):
+        try:
+            return _exec_batch(cmd, items, arrays, wd, timeout)
+        except (RuntimeError, OSError, ValueError, KeyError) as e:
+            if len(items) == 1:
+                return {items[0]["id"]: {"problems": [f"external program failed on this case alone: {e}"]}}
+            out = {}
+            for i, c in enumerate(items):
+                out.update(run([c], f"{wd}.{i}"))
+            return out
+
+    try:
+        for s0 in range(0, len(todo), batch):
+            items = todo[s0:s0 + batch]
+            res = run(items, os.path.join(tmp, f"b{s0}"))
+            for case in items:
+                r = res[case["id"]]
+                if "unsupported" in r:
+                    unsupported[case["id"]] = r["unsupported"]
+                    continue
+                problems = r.get("problems") or check_case(case, arrays, r["results"])
+                if case["init_kwargs"].get("trainable") is False:
+                    problems = [p for p in problems if p not in ("dgamma: missing", "dbeta: missing")]
+                if problems:
+                    failures[case["id"]] = problems
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"failures": failures, "unsupported": unsupported, "ran": len(todo)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m conformance.gradients", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -578,6 +742,10 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("check", help="replay the goldens with arraybn")
     c.add_argument("--dir", default=GOLDEN_DIR)
     c.add_argument("--backend", default="numpy", help="numpy, array_api_strict, torch, dask")
+    c.add_argument("--impl", default=None, metavar="PKG.MOD:FACTORY",
+                   help="check a port through its public forward/backward (default: arraybn's functional core)")
+    c.add_argument("--exec", dest="exec_cmd", default=None, metavar="CMD",
+                   help="check an external program (called as CMD DIR; docs/conformance.md, 'Gradients')")
     args = ap.parse_args(argv)
     if args.cmd == "generate":
         t0 = time.perf_counter()
@@ -591,6 +759,16 @@ def main(argv: list[str] | None = None) -> int:
 
     mod = importlib.import_module({"dask": "dask.array"}.get(args.backend, args.backend))
     xp = mod if args.backend == "array_api_strict" else array_api_compat.array_namespace(mod.asarray([1.0]))
+    if args.impl or args.exec_cmd:
+        from .runner import load_factory
+
+        r = (check_exec(args.exec_cmd, directory=args.dir) if args.exec_cmd
+             else check_port(load_factory(args.impl), xp, directory=args.dir))
+        for cid, probs in r["failures"].items():
+            print(cid, *probs, sep="\n  ")
+        print(f"{r['ran']} cases: {r['ran'] - len(r['failures']) - len(r['unsupported'])} pass, "
+              f"{len(r['failures'])} fail, {len(r['unsupported'])} unsupported", file=sys.stderr)
+        return 1 if r["failures"] else 0
     failures = check(xp, directory=args.dir)
     for cid, probs in failures.items():
         print(cid, *probs, sep="\n  ")

@@ -350,7 +350,10 @@ def drive_case(factory, backend, chunk, case):
             return res
         res["losses"] = [float(np.asarray(a, np.float64)) for a, _ in losses]
         res["loss_dtypes"] = [t for _, t in losses]
-        res["weight_namespaces"] = sorted({backend.namespace_name(w) for w in weights})
+        try:
+            res["weight_namespaces"] = sorted({backend.namespace_name(w) for w in weights})
+        except Exception as e:  # noqa: BLE001 - weights that are no array of any namespace (a framework's variables)
+            res["weight_namespaces"] = [f"?{type(e).__name__}"]
         try:
             roundtrip = type(layer).from_config(res["config"]).get_config() if hasattr(type(layer), "from_config") else None
         except Exception as e:  # noqa: BLE001
@@ -446,7 +449,7 @@ def _request_case(case):
     return out, keys
 
 
-def run_exec_batch(cmd, backend_name, items, workdir):
+def run_exec_batch(cmd, backend_name, items, workdir, timeout=None):
     """Write one request for ``items`` [(chunk, case)], run ``cmd``, read results."""
     req = {"format_version": FORMAT_VERSION, "backend": backend_name, "cases": []}
     arrays = {}
@@ -477,12 +480,29 @@ def run_exec_batch(cmd, backend_name, items, workdir):
     with open(os.path.join(workdir, "request.json"), "w") as f:
         json.dump(req, f, sort_keys=True)
     np.savez(os.path.join(workdir, "inputs.npz"), **arrays)
-    proc = subprocess.run(shlex.split(cmd) + [workdir], capture_output=True, text=True)
+    try:
+        proc = subprocess.run(shlex.split(cmd) + [workdir], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise ExecFailure(f"no answer within {timeout} s") from None
+    except OSError as e:
+        raise ExecFailure(f"cannot start the program: {e}") from None
     if proc.returncode != 0:
-        raise RuntimeError(f"external program failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    with open(os.path.join(workdir, "response.json")) as f:
-        resp = json.load(f)
-    out = np.load(os.path.join(workdir, "outputs.npz"), allow_pickle=False)
+        raise ExecFailure(f"exit status {proc.returncode}: {proc.stderr[-1500:].strip()}")
+    try:
+        with open(os.path.join(workdir, "response.json")) as f:
+            resp = json.load(f)
+        out = np.load(os.path.join(workdir, "outputs.npz"), allow_pickle=False)
+        return _read_response(resp, out, items)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ExecFailure(f"unreadable response: {type(e).__name__}: {e}") from None
+
+
+def _bits(a, dtype):
+    a = np.asarray(a)
+    return bf16_bits_to_f32(a) if dtype == "bfloat16" and a.dtype == np.uint16 else a
+
+
+def _read_response(resp, out, items):
     results = {}
     for chunk, case in items:
         r = resp["cases"].get(case["id"])
@@ -490,19 +510,19 @@ def run_exec_batch(cmd, backend_name, items, workdir):
             results[case["id"]] = {"error": {"stage": "exec", "type": "MissingResult", "message": "no result",
                                              "call_index": None}, "calls": [], "step": None}
             continue
+        if r.get("unsupported"):
+            results[case["id"]] = {"unsupported": str(r["unsupported"]), "error": None, "calls": [], "step": None}
+            continue
+        wdt = r.get("weights_dtype")
         if r.get("weights_after_build") is not None:
-            r["weights_after_build"] = list(out[r["weights_after_build"]])
+            r["weights_after_build"] = list(_bits(out[r["weights_after_build"]], wdt))
         for c in r.get("calls", []):
-            c["y"] = np.asarray(out[c["y"]])
-            if c.get("y_dtype") == "bfloat16" and c["y"].dtype == np.uint16:
-                c["y"] = bf16_bits_to_f32(c["y"])
-            c["weights"] = np.asarray(out[c["weights"]])
+            c["y"] = _bits(out[c["y"]], c.get("y_dtype"))
+            c["weights"] = _bits(out[c["weights"]], wdt)
             c.setdefault("y_shape", list(c["y"].shape))
         if r.get("step"):
-            r["step"]["y"] = np.asarray(out[r["step"]["y"]])
-            if r["step"].get("y_dtype") == "bfloat16" and r["step"]["y"].dtype == np.uint16:
-                r["step"]["y"] = bf16_bits_to_f32(r["step"]["y"])
-            r["step"]["weights_after"] = np.asarray(out[r["step"]["weights_after"]])
+            r["step"]["y"] = _bits(out[r["step"]["y"]], r["step"].get("y_dtype"))
+            r["step"]["weights_after"] = _bits(out[r["step"]["weights_after"]], wdt)
         r.setdefault("error", None)
         r.setdefault("calls", [])
         r.setdefault("step", None)
@@ -514,14 +534,23 @@ def run_exec_batch(cmd, backend_name, items, workdir):
 # Comparison
 # --------------------------------------------------------------------------- #
 
+#: every status an outcome can have, in the order of the summary line (they add up to the total)
+STATUSES = ["pass", "fail", "api_fail", "unsupported", "xfail", "xpass", "tf_defect", "skip"]
+#: statuses that make a run fail (exit status 1)
+FAILING = ("fail", "api_fail")
+
+
 @dataclass
 class Outcome:
     id: str
     group: str
     dims: dict
-    status: str                      # pass | fail | xfail | xpass | skip | defect_ok | defect_fail
-    golden_status: str
-    problems: list = field(default_factory=list)
+    status: str                      # one of STATUSES
+    golden_status: str               # ok | error | tf_defect (what TF did)
+    problems: list = field(default_factory=list)      # numerics and error parity
+    api_problems: list = field(default_factory=list)  # Keras API: fused flag, weight names, config
+    tags: list = field(default_factory=list)          # TF behaviours (conformance.cases.behaviours)
+    feature: str = ""                 # unsupported: the feature the implementation lacks
     max_abs: float = 0.0
     max_rel: float = 0.0
     worst_ratio: float = 0.0          # max of |d| / allowed over all compared arrays
@@ -663,9 +692,43 @@ def _type_ok(expected, got):
     return expected == got["type"] or expected in got.get("mro", [])
 
 
-def compare_case(chunk, case, res):
+def _unsupported_feature(message):
+    """``"renorm: torch has no batch renormalization"`` -> ``"renorm"``; the whole (short) message otherwise."""
+    msg = (message or "").strip()
+    head, sep, _ = msg.partition(": ")
+    if sep and head and len(head) <= 40 and "\n" not in head:
+        return head.strip()
+    return msg[:60] or "unspecified"
+
+
+def is_not_implemented(err):
+    return err is not None and (err.get("type") == "NotImplementedError"
+                                or "NotImplementedError" in (err.get("mro") or []))
+
+
+def compare_case(chunk, case, res, numerics_only=False):
+    """Compare one result with its golden record; return an :class:`Outcome`.
+
+    ``numerics_only``: skip the Keras API checks (fused flag, weight names, trainable, config).
+    An implementation that raises ``NotImplementedError`` (or an external program that answers
+    ``"unsupported"``) gets the status ``unsupported``.
+    """
     o = Outcome(case["id"], chunk.group, case["dims"], "pass", case["status"])
+    o.tags = _tags(case)
     P = o.problems
+    if res.get("crash"):
+        o.status = "fail"
+        P.append(res["crash"])
+        return o
+    if res.get("unsupported") or is_not_implemented(res.get("error")):
+        msg = res.get("unsupported") or res["error"].get("message", "")
+        if not isinstance(msg, str):
+            msg = "unspecified"
+        o.status = "unsupported"
+        o.feature = _unsupported_feature(msg)
+        P.append(f"unsupported: {msg[:300]}")
+        return o
+    A = o.api_problems
     gerr = case["error"]
     defect = case["status"] == "tf_defect"
     rerr = res.get("error")
@@ -701,28 +764,35 @@ def compare_case(chunk, case, res):
     tf_stage = gerr["stage"] if gerr else None
     # ---- resolved attributes ------------------------------------------------------
     gres = case.get("resolved") or {}
-    if "weight_names" in gres and "fused" in res and not (defect and tf_stage in ("init", "build", "set_weights")):
-        if res["fused"] != gres["fused"]:
-            P.append(f"fused: {res['fused']!r} != TF {gres['fused']!r}")
-        for k in ("weight_names", "trainable_weight_names", "non_trainable_weight_names"):
-            if list(res.get(k, [])) != gres[k]:
-                P.append(f"{k}: {res.get(k)} != TF {gres[k]}")
-        if res.get("layer_trainable") != gres["layer_trainable"]:
-            P.append(f"trainable: {res.get('layer_trainable')} != TF {gres['layer_trainable']}")
-        p = _cfg_equal(_normalize_config(res.get("config", {})), _normalize_config(gres["config"]))
-        if p:
-            P.append(p)
-        rt = res.get("config_roundtrip")
-        if rt is not None:
-            p = _cfg_equal(_normalize_config(rt), _normalize_config(gres["config"]))
+    reached = rerr is None or rerr.get("stage") not in ("init", "build", "set_weights", "resolve", "exec")
+    if "weight_names" in gres and reached and not (defect and tf_stage in ("init", "build", "set_weights")):
+        if not numerics_only:
+            if "fused" not in res:
+                A.append("fused: not reported")
+            elif res["fused"] != gres["fused"]:
+                A.append(f"fused: {res['fused']!r} != TF {gres['fused']!r}")
+            for k in ("weight_names", "trainable_weight_names", "non_trainable_weight_names"):
+                if k not in res:
+                    A.append(f"{k}: not reported")
+                elif list(res[k]) != gres[k]:
+                    A.append(f"{k}: {res.get(k)} != TF {gres[k]}")
+            if res.get("layer_trainable") != gres["layer_trainable"]:
+                A.append(f"trainable: {res.get('layer_trainable')} != TF {gres['layer_trainable']}")
+            p = _cfg_equal(_normalize_config(res.get("config", {})), _normalize_config(gres["config"]))
             if p:
-                P.append("from_config round trip: " + p)
-        P.extend(_compare_losses(res.get("losses", []), res.get("loss_dtypes", []), gres["losses"],
+                A.append(p)
+            rt = res.get("config_roundtrip")
+            if rt is not None:
+                p = _cfg_equal(_normalize_config(rt), _normalize_config(gres["config"]))
+                if p:
+                    A.append("from_config round trip: " + p)
+            wns = res.get("weight_namespaces") or []
+            ins = {rc.get("input_namespace") for rc in res.get("calls", []) if rc.get("input_namespace")}
+            if ins and any(n not in ins for n in wns):
+                A.append(f"weights live in {wns}, inputs in {sorted(ins)}")
+        if "losses" in res or gres["losses"]:  # regularization values are numerics
+            P.extend(_compare_losses(res.get("losses", []), res.get("loss_dtypes", []), gres["losses"],
                                  gres["loss_dtypes"], "losses"))
-        wns = res.get("weight_namespaces") or []
-        ins = {rc.get("input_namespace") for rc in res.get("calls", []) if rc.get("input_namespace")}
-        if ins and any(n not in ins for n in wns):
-            P.append(f"weights live in {wns}, inputs in {sorted(ins)}")
         wb = case.get("weights_after_build")
         if wb is not None and res.get("weights_after_build") is not None:
             ref = chunk.arr(wb)
@@ -803,30 +873,142 @@ def compare_case(chunk, case, res):
             P.append("step: non-finite weights (TF defect case)")
     elif st is not None and rerr is None and case["status"] == "ok":
         P.append("step: no result")
-    if defect:
-        o.status = "defect_fail" if P else "defect_ok"
+    if P:
+        o.status = "fail"
+    elif A:
+        o.status = "api_fail"
     else:
-        o.status = "fail" if P else "pass"
+        o.status = "tf_defect" if defect else "pass"
     return o
 
 
+def _tags(case):
+    from .cases import behaviours
+
+    return behaviours(case)
+
+
 # --------------------------------------------------------------------------- #
-# Expected failures
+# Expected failures and capability declarations
 # --------------------------------------------------------------------------- #
 
+@dataclass
+class XFail:
+    """One expected-failure entry: a regex on case ids, or a TF behaviour tag, and a reason."""
+    reason: str
+    pattern: re.Pattern | None = None
+    behaviour: str | None = None
+    where: str = ""
+
+    def matches(self, case_id, tags):
+        if self.pattern is not None and not self.pattern.search(case_id):
+            return False
+        return not (self.behaviour is not None and self.behaviour not in tags)
+
+
+class XFailFileError(ValueError):
+    """A malformed or missing expected-failure / capability file."""
+
+
+def _read_structured(path):
+    """JSON (``.json``) or TOML (``.toml``) document; None for other suffixes."""
+    if path.endswith(".json"):
+        with open(path) as f:
+            try:
+                return json.load(f)
+            except json.JSONDecodeError as e:
+                raise XFailFileError(f"{path}: invalid JSON: {e}") from None
+    if path.endswith(".toml"):
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            import tomli as tomllib
+        with open(path, "rb") as f:
+            try:
+                return tomllib.load(f)
+            except tomllib.TOMLDecodeError as e:
+                raise XFailFileError(f"{path}: invalid TOML: {e}") from None
+    return None
+
+
+def _xfail_entry(d, where):
+    if not isinstance(d, dict):
+        raise XFailFileError(f"{where}: an entry must be a table/object, got {d!r}")
+    unknown = set(d) - {"pattern", "behaviour", "reason"}
+    if unknown:
+        raise XFailFileError(f"{where}: unknown keys {sorted(unknown)} (use pattern, behaviour, reason)")
+    if "pattern" not in d and "behaviour" not in d:
+        raise XFailFileError(f"{where}: an entry needs 'pattern' (regex on case ids) or 'behaviour' (a tag)")
+    pat = None
+    if "pattern" in d:
+        try:
+            pat = re.compile(d["pattern"])
+        except (re.error, TypeError) as e:
+            raise XFailFileError(f"{where}: bad regex {d['pattern']!r}: {e}") from None
+    return XFail(str(d.get("reason") or "no reason given"), pat, d.get("behaviour"), where)
+
+
 def load_xfails(path):
-    """Lines ``<regex on case id> | <reason>``; ``#`` starts a comment line."""
+    """Expected failures from ``path`` (docs/conformance.md, "Expected failures").
+
+    * ``.json``: ``[{"pattern": REGEX, "reason": ...}, {"behaviour": TAG, "reason": ...}]`` or
+      ``{"xfail": [...]}``;
+    * ``.toml``: ``[[xfail]]`` tables with the same keys;
+    * anything else, one entry per line: ``REGEX`` or ``REGEX | REASON`` (split at the first
+      `` | `` with a space on each side, so ``renorm=(on|clip)`` is one regex), or
+      ``behaviour:TAG | REASON``; blank lines and lines starting with ``#`` are skipped.
+
+    No path (None or ``""``): no expected failures. A missing file or a bad regex raises
+    :class:`XFailFileError` naming the file and line.
+    """
+    if not path:
+        return []
+    if not os.path.isfile(path):
+        raise XFailFileError(f"expected-failure file not found: {path}")
+    doc = _read_structured(path)
+    if doc is not None:
+        entries = doc.get("xfail", doc.get("xfails")) if isinstance(doc, dict) else doc
+        if not isinstance(entries, list):
+            raise XFailFileError(f"{path}: expected a list of entries (or a top-level 'xfail' list)")
+        return [_xfail_entry(d, f"{path}: entry {i}") for i, d in enumerate(entries)]
     out = []
-    if not path or not os.path.exists(path):
-        return out
     with open(path) as f:
-        for line in f:
+        for n, line in enumerate(f, 1):
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
-            pat, _, reason = line.partition("|")
-            out.append((re.compile(pat.strip()), reason.strip() or "no reason given"))
+            pat, _, reason = line.partition(" | ")
+            pat = pat.strip()
+            if pat.startswith("behaviour:"):
+                out.append(_xfail_entry({"behaviour": pat[len("behaviour:"):].strip(), "reason": reason.strip()},
+                                        f"{path}:{n}"))
+            else:
+                out.append(_xfail_entry({"pattern": pat, "reason": reason.strip()}, f"{path}:{n}"))
     return out
+
+
+def load_capabilities(spec):
+    """Features an implementation declares up front that it does not support.
+
+    ``spec``: None, a dict ``{"unsupported": {TAG: reason}}`` (or just ``{TAG: reason}``), or the path
+    of such a JSON/TOML file. TAG is a behaviour tag (``conformance.cases.BEHAVIOURS``, or
+    ``error:Type@stage``). Returns ``{TAG: reason}``.
+    """
+    if spec is None:
+        return {}
+    if isinstance(spec, str):
+        if not os.path.isfile(spec):
+            raise XFailFileError(f"capability file not found: {spec}")
+        doc = _read_structured(spec)
+        if doc is None:
+            raise XFailFileError(f"{spec}: a capability file is .json or .toml")
+        spec = doc
+    if not isinstance(spec, dict):
+        raise XFailFileError(f"capabilities must be a mapping, got {type(spec).__name__}")
+    un = spec.get("unsupported", spec)
+    if not isinstance(un, dict):
+        raise XFailFileError("'unsupported' must map behaviour tags to reasons")
+    return {str(k): str(v) for k, v in un.items()}
 
 
 # --------------------------------------------------------------------------- #
@@ -840,22 +1022,44 @@ class Summary:
     outcomes: list
     elapsed: float
     report_dir: str | None = None
+    interrupted: bool = False
+    total: int = 0                    # cases selected (more than len(outcomes) after an interruption)
+    numerics_only: bool = False
 
     def count(self, status):
         return sum(o.status == status for o in self.outcomes)
 
+    def counts(self):
+        c = {s: 0 for s in STATUSES}
+        for o in self.outcomes:
+            c[o.status] = c.get(o.status, 0) + 1
+        return c
+
+    def summary_line(self):
+        """One line: every status with its count; the counts add up to the number of cases."""
+        c = self.counts()
+        head = f"{self.impl} on {self.backend}: {len(self.outcomes)} cases in {self.elapsed:.1f}s"
+        if self.interrupted:
+            head += f" (interrupted: {len(self.outcomes)} of {self.total} run)"
+        return head + " -- " + ", ".join(f"{k} {c[k]}" for k in STATUSES)
+
+    def unsupported_by_feature(self):
+        from collections import Counter
+
+        return Counter(o.feature for o in self.outcomes if o.status == "unsupported").most_common()
+
     @property
     def failures(self):
-        return [o for o in self.outcomes if o.status in ("fail", "defect_fail")]
+        return [o for o in self.outcomes if o.status in FAILING]
 
     @property
     def exit_code(self):
-        return 1 if self.failures else 0
+        return 1 if self.failures or self.interrupted else 0
 
     def failure_text(self, limit=50):
         lines = []
         for o in self.failures[:limit]:
-            lines.append(f"{o.id}\n    " + "\n    ".join(o.problems[:4]))
+            lines.append(f"{o.id}\n    " + "\n    ".join((o.problems + o.api_problems)[:4]))
         if len(self.failures) > limit:
             lines.append(f"... and {len(self.failures) - limit} more")
         return "\n".join(lines)
@@ -872,18 +1076,56 @@ def _logging_quiet():
         logging.disable(previous)
 
 
+class ExecFailure(RuntimeError):
+    """The external program crashed, timed out or wrote no readable response."""
+
+
+def _run_exec_items(exec_cmd, backend_name, batch, workdir, timeout, finish):
+    """Run ``batch`` through the external program; on a crash split it in halves until the
+    crashing cases are alone, and record those as failed (the others run normally)."""
+    try:
+        results = run_exec_batch(exec_cmd, backend_name, batch, workdir, timeout=timeout)
+    except ExecFailure as e:
+        shutil.rmtree(workdir, ignore_errors=True)
+        if len(batch) == 1:
+            chunk, case = batch[0]
+            finish(chunk, case, {"crash": f"external program failed on this case alone: {e}", "calls": [],
+                                 "error": None, "step": None})
+            return
+        h = len(batch) // 2
+        _run_exec_items(exec_cmd, backend_name, batch[:h], workdir + "a", timeout, finish)
+        _run_exec_items(exec_cmd, backend_name, batch[h:], workdir + "b", timeout, finish)
+        return
+    for chunk, case in batch:
+        finish(chunk, case, results[case["id"]])
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
 def run(backend=None, xp=None, device=None, impl=None, factory=None, exec_cmd=None, include=None, exclude=None,
         goldens=DEFAULT_GOLDENS, xfails=DEFAULT_XFAILS, report_dir=None, progress=True, exec_batch=400,
-        stride=1):
-    """Run the conformance set; return a :class:`Summary`."""
+        stride=1, numerics_only=False, capabilities=None, exec_timeout=None):
+    """Run the conformance set; return a :class:`Summary`.
+
+    ``capabilities``: behaviour tags the implementation declares unsupported (see
+    `load_capabilities`; a factory may also carry them as its ``unsupported`` attribute); those
+    cases are not run and count as ``unsupported``. ``numerics_only`` skips the Keras API checks.
+    With ``exec_cmd`` no array library is used: ``backend`` is only passed on to the program.
+    A KeyboardInterrupt stops the run and the summary (and report) covers the cases run so far.
+    """
     t0 = time.time()
-    be = get_backend(backend or (None if xp is not None else "numpy"), xp, device)
+    if exec_cmd is not None:
+        be = Backend(backend or "exec", None)
+    else:
+        be = get_backend(backend or (None if xp is not None else "numpy"), xp, device)
     if exec_cmd is None and factory is None:
         factory = load_factory(impl)
     impl_name = exec_cmd and f"exec: {exec_cmd}" or impl or getattr(factory, "__qualname__", "arraybn")
     if impl is None and exec_cmd is None and factory is not None and getattr(factory, "__name__", "") == "<lambda>":
         impl_name = "arraybn.BatchNormalization"
     xf = load_xfails(xfails)
+    declared = load_capabilities(capabilities)
+    if factory is not None and getattr(factory, "unsupported", None):
+        declared = {**load_capabilities(factory.unsupported), **declared}
     items = list(iter_cases(goldens, include, exclude, stride))
     outcomes = []
     bar = None
@@ -893,6 +1135,8 @@ def run(backend=None, xp=None, device=None, impl=None, factory=None, exec_cmd=No
         bar = tqdm(total=len(items), unit="case", desc=f"{be.name}", file=sys.stderr)
 
     def missing_dtypes(case):
+        if exec_cmd is not None:
+            return []  # arrays travel as NumPy data (bfloat16 as uint16 bits)
         pol = json.dumps(case["init_kwargs"].get("dtype"))
         need = {case["input_dtype"]}
         for d in ("bfloat16", "float16"):
@@ -900,55 +1144,64 @@ def run(backend=None, xp=None, device=None, impl=None, factory=None, exec_cmd=No
                 need.add(d)
         return sorted(need & be.unsupported)
 
-    def finish(chunk, case, res):
-        o = compare_case(chunk, case, res)
-        for pat, reason in xf:
-            if pat.search(case["id"]):
-                o.xfail_reason = reason
-                o.status = {"fail": "xfail", "defect_fail": "xfail"}.get(o.status, "xpass")
-                break
+    def add(o):
         outcomes.append(o)
         if bar:
             bar.update(1)
 
-    runnable = []
-    for chunk, case in items:
-        miss = missing_dtypes(case)
-        if miss:
-            outcomes.append(Outcome(case["id"], chunk.group, case["dims"], "skip", case["status"],
-                                    [f"{be.name} has no {', '.join(miss)}"]))
-            if bar:
-                bar.update(1)
-            continue
-        runnable.append((chunk, case))
-    if exec_cmd is None:
-        for chunk, case in runnable:
-            # TensorFlow warns in some cases (a mask on the fused path) and computes NaN
-            # silently in others; a port doing the same must not fail because the caller
-            # (pytest with filterwarnings=error, say) turns warnings into errors.
-            # Log records too (TF logs that an adjustment cannot be serialized; so may a port).
-            with warnings.catch_warnings(), _logging_quiet():
-                warnings.simplefilter("ignore")
-                try:
-                    res = drive_case(factory, be, chunk, case)
-                except Exception as e:  # noqa: BLE001 - the runner itself must survive
-                    res = {"error": _err("runner", e), "calls": [], "step": None}
-            finish(chunk, case, res)
-    else:
-        tmp = tempfile.mkdtemp(prefix="conformance-exec-")
-        try:
-            for s in range(0, len(runnable), exec_batch):
-                batch = runnable[s:s + exec_batch]
-                wd = os.path.join(tmp, f"batch{s // exec_batch:04d}")
-                results = run_exec_batch(exec_cmd, be.name, batch, wd)
-                for chunk, case in batch:
-                    finish(chunk, case, results[case["id"]])
-                shutil.rmtree(wd, ignore_errors=True)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    def finish(chunk, case, res):
+        o = compare_case(chunk, case, res, numerics_only=numerics_only)
+        if o.status != "unsupported":
+            for x in xf:
+                if x.matches(case["id"], o.tags):
+                    o.xfail_reason = x.reason
+                    o.status = "xfail" if o.status in FAILING else "xpass"
+                    break
+        add(o)
+
+    interrupted = False
+    try:
+        runnable = []
+        for chunk, case in items:
+            miss = missing_dtypes(case)
+            tags = _tags(case)
+            decl = next((t for t in tags if t in declared), None)
+            if miss or decl:
+                o = Outcome(case["id"], chunk.group, case["dims"], "skip", case["status"],
+                            [f"{be.name} has no {', '.join(miss)}"], tags=tags)
+                if decl and not miss:
+                    o.status, o.feature, o.problems = "unsupported", decl, [f"declared unsupported: {declared[decl]}"]
+                add(o)
+                continue
+            runnable.append((chunk, case))
+        if exec_cmd is None:
+            for chunk, case in runnable:
+                # TensorFlow warns in some cases (a mask on the fused path) and computes NaN
+                # silently in others; a port doing the same must not fail because the caller
+                # (pytest with filterwarnings=error, say) turns warnings into errors.
+                # Log records too (TF logs that an adjustment cannot be serialized; so may a port).
+                with warnings.catch_warnings(), _logging_quiet():
+                    warnings.simplefilter("ignore")
+                    try:
+                        res = drive_case(factory, be, chunk, case)
+                    except Exception as e:  # noqa: BLE001 - the runner itself must survive
+                        res = {"error": _err("runner", e), "calls": [], "step": None}
+                finish(chunk, case, res)
+        else:
+            tmp = tempfile.mkdtemp(prefix="conformance-exec-")
+            try:
+                for s in range(0, len(runnable), exec_batch):
+                    batch = runnable[s:s + exec_batch]
+                    wd = os.path.join(tmp, f"batch{s // exec_batch:04d}")
+                    _run_exec_items(exec_cmd, be.name, batch, wd, exec_timeout, finish)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    except KeyboardInterrupt:
+        interrupted = True
     if bar:
         bar.close()
-    summary = Summary(be.name, impl_name, outcomes, time.time() - t0)
+    summary = Summary(be.name, impl_name, outcomes, time.time() - t0, interrupted=interrupted, total=len(items),
+                      numerics_only=numerics_only)
     if report_dir:
         from .report import write_report
 

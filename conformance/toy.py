@@ -31,7 +31,8 @@ class ToyBatchNormalization:
     def __init__(self, axis=-1, momentum=0.99, epsilon=1e-3, center=True, scale=True, trainable=True,
                  fused=None, bug=None, **unsupported):
         if unsupported:
-            raise NotImplementedError(f"toy does not support {sorted(unsupported)}")
+            # "feature: explanation": the runner counts unsupported cases per feature
+            raise NotImplementedError(f"{sorted(unsupported)[0]}: the toy does not support {sorted(unsupported)}")
         if not isinstance(axis, int) and not (isinstance(axis, list) and len(axis) == 1):
             raise TypeError("toy supports a single axis")
         self.axis = axis if isinstance(axis, int) else axis[0]
@@ -46,7 +47,7 @@ class ToyBatchNormalization:
         rank = len(input_shape)
         ax = self.axis % rank
         if rank in (4, 5) and self.fused is not False:
-            raise NotImplementedError("toy has no fused path")
+            raise NotImplementedError("path:fused: the toy has no fused path")
         self.fused = False
         self._axis = ax
         c = input_shape[ax]

@@ -89,8 +89,8 @@ def test_cli_exec_adapter(bug, expected_rc):
 def test_errors_are_checked():
     """Error parity: missing errors and wrong exception types/stages are failures."""
     s = runner.run(backend="numpy", factory=toy.factory,
-                   include=r"^errors/(axis_str|axis_out_of_range_pos|axis_duplicate)$", xfails=None, progress=False)
+                   include=r"^errors/(axis_str|epsilon_none|axis_duplicate)$", xfails=None, progress=False)
     by_id = {o.id: o for o in s.outcomes}
     assert by_id["errors/axis_str"].status == "pass"                 # TypeError at init, like TF
-    assert by_id["errors/axis_out_of_range_pos"].status == "fail"   # toy raises nothing
+    assert by_id["errors/epsilon_none"].status == "fail"             # toy raises nothing
     assert by_id["errors/axis_duplicate"].status == "fail"          # wrong type and stage
