@@ -73,7 +73,36 @@ def make_values(spec):
         for value, n in (("nan", spec.get("nan", 0)), ("inf", spec.get("inf", 0)), ("-inf", spec.get("ninf", 0))):
             if n:
                 flat[rng.integers(0, flat.size, size=n)] = float(value)
-    return x
+    return _ties(rng, x, spec)
+
+
+def _ties(rng, v, spec):
+    """Move a fraction of the values just off a 16-bit rounding tie (``spec["ties"]``).
+
+    ``{"dtype": "float16" | "bfloat16", "fraction": f}``: the chosen values become the midpoint
+    between two neighbours of that dtype plus or minus 2**-36 of it, so that rounding float64
+    to float32 first lands on the tie (then to even) while a direct rounding goes the other
+    way. This pins a cast from float64 that must go through float32, as TensorFlow's does.
+    """
+    t = spec.get("ties")
+    if not t:
+        return v
+    v = np.array(v, np.float64)
+    flat = v.reshape(-1)
+    idx = rng.choice(flat.size, size=int(flat.size * t["fraction"]), replace=False)
+    a = flat[idx]
+    if t["dtype"] == "float16":
+        lo = np.asarray(a, np.float16)
+        hi = np.nextafter(lo, np.float16(np.inf))
+        lo, hi = lo.astype(np.float64), hi.astype(np.float64)
+    else:
+        bits = np.asarray(a, np.float32).view(np.uint32) & np.uint32(0xFFFF0000)
+        lo = bits.view(np.float32).astype(np.float64)
+        hi = (bits + np.uint32(0x10000)).view(np.float32).astype(np.float64)
+    mid = (lo + hi) / 2.0
+    sign = np.where(rng.random(a.shape) < 0.5, -1.0, 1.0)
+    flat[idx] = np.where(np.isfinite(mid), mid + sign * np.abs(mid) * 2.0**-36, a)
+    return v
 
 
 def make_mask_values(spec):
@@ -87,7 +116,7 @@ def make_mask_values(spec):
         return m
     w = np.where(u < spec.get("p", 0.6), rng.random(shape), 0.0)
     w[:2] = np.maximum(w[:2], 0.5)
-    return w
+    return _ties(rng, w, spec)
 
 
 def make_array(spec):

@@ -110,6 +110,19 @@ def _values():
             cases.append(_case("deep_values", ["normal", f"in={ind}", f"policy={pol}", "mask=float64"], shape3, -1,
                                calls=SEQ, dtype=ind, x=recipes["normal"], mask={"dtype": "float64"},
                                dtype_policy=pol))
+            if ind == "float64":  # values 2**-36 off a 16-bit tie: a direct cast rounds the other way
+                half = "bfloat16" if "bfloat16" in pol else "float16"
+                ties = {"dtype": half, "fraction": 0.25}
+                for fused in (None, False):
+                    cases.append(_case("deep_values", ["ties", f"in={ind}", f"policy={pol}", f"fused={fused}"],
+                                       shape4, -1, calls=SEQ, dtype=ind, x=dict(recipes["normal"], ties=ties),
+                                       fused=fused, dtype_policy=pol))
+                cases.append(_case("deep_values", ["ties", f"in={ind}", f"policy={pol}", "mask=float64"], shape3, -1,
+                                   calls=SEQ, dtype=ind, x=dict(recipes["normal"], ties=ties),
+                                   mask={"dtype": "float64", "ties": ties}, dtype_policy=pol))
+                cases.append(_case("deep_values", ["ties", "in=float32", f"policy={pol}", "mask=float64"], shape3,
+                                   -1, calls=SEQ, x=recipes["normal"], mask={"dtype": "float64", "ties": ties},
+                                   dtype_policy=pol))
         cases.append(_case("deep_values", ["offset1e3", f"in={ind}", "policy=mixed_float16", "mask=bool"], shape3, -1,
                            calls=SEQ, dtype=ind, x=recipes["offset1e3"], mask={"dtype": "bool"},
                            dtype_policy="mixed_float16"))

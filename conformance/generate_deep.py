@@ -16,7 +16,7 @@ import numpy as np
 
 from . import adjustments, deep
 
-DEEP_REVISION = 3
+DEEP_REVISION = 4
 #: what a deep chunk needs from a runner beyond the base format
 FEATURES = ("seeded_arrays", "sampled_outputs", "set_between_calls", "tf_error")
 #: the attributes the float64 recomputation reads from the layer before every call
@@ -135,6 +135,8 @@ def _stages(tf, BN, case, rec, kwargs, npz, p, rng, xs, ms, axes, to_tf, from_tf
     }
     ws = []
     entries = []
+    # the float64 layer runs alongside on its own state (from the same initial weights)
+    state64 = {n: v.numpy().astype(np.float64) for n, v in zip(names, layer.weights)}
     for i, c in enumerate(case["calls"]):
         entry = {"training": c["training"], "x": xs[i][1], "mask": None if ms[i] is None else ms[i][1]}
         if c.get("set"):
@@ -145,6 +147,7 @@ def _stages(tf, BN, case, rec, kwargs, npz, p, rng, xs, ms, axes, to_tf, from_tf
             neww = _draw_weights(rng, names, shapes, wdt, make_weights)
             entry["set_weights"] = {"key": npz.add(p + f"sw{i}", np.stack(neww)), "index": None}
             layer.set_weights(neww)
+            state64 = {n: v.numpy().astype(np.float64) for n, v in zip(names, layer.weights)}
         entries.append(entry)
         cfg = {k: getattr(layer, k, None) for k in CALL_ATTRS}
         cfg.update(renorm_clipping=getattr(layer, "renorm_clipping", None),
@@ -179,10 +182,15 @@ def _stages(tf, BN, case, rec, kwargs, npz, p, rng, xs, ms, axes, to_tf, from_tf
             m64 = None
             if ms[i] is not None and not cfg["fused"]:
                 m64 = deep.tf_cast_values(ms[i][0], cdt)
-            y64, new64 = deep.reference64(x64, m64, before, cfg)
+            y64, new64 = deep.reference64(x64, m64, state64, cfg)
+            state64 = new64
             err = {"y": deep.max_error(yv.reshape(-1)[pos], y64.reshape(-1)[pos]),
                    "y_summary": deep.max_error(summ, deep.channel_summary(y64, axes)),
                    "weights": [deep.max_error(a, new64[n]) for n, a in zip(names, after)]}
+            # the same call fed the weights TF held before it: this call's own rounding
+            yc, newc = deep.reference64(x64, m64, before, cfg)
+            err["call"] = {"y": deep.max_error(yv.reshape(-1)[pos], yc.reshape(-1)[pos]),
+                           "weights": [deep.max_error(a, newc[n]) for n, a in zip(names, after)]}
             # non-finite values where the recomputation is finite (or the reverse) are recorded, not hidden
             err["nonfinite_mismatch"] = int(np.sum(np.isfinite(yv.reshape(-1)[pos]) != np.isfinite(y64.reshape(-1)[pos])))
         except Exception as e:  # noqa: BLE001 - a configuration the recomputation does not model
