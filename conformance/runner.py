@@ -464,16 +464,30 @@ def _request_case(case):
     """The golden record without any expected outputs."""
     out = {k: case[k] for k in ("id", "init_kwargs", "input_shape", "input_dtype", "weights")}
     out["initial_weights"] = case.get("initial_weights")
-    out["calls"] = [{"training": c["training"], "x": c["x"], "mask": c["mask"], **({"losses": True} if "losses" in c else {})}
+
+    def plain(ref):  # a seeded array travels as an ordinary array of the request
+        return {"key": "gen/" + ref["sha256"], "index": None} if ref is not None and "gen" in ref else ref
+
+    out["calls"] = [{"training": c["training"], "x": plain(c["x"]), "mask": plain(c["mask"]),
+                     **({"losses": True} if "losses" in c else {}),
+                     **({"set": c["set"]} if c.get("set") else {}),
+                     **({"set_weights": c["set_weights"]} if c.get("set_weights") else {})}
                     for c in case["calls"]]
     st = case.get("step")
     out["step"] = None if st is None else {k: st[k] for k in ("learning_rate", "x", "weights_before", "grads",
                                                                "grad_names")}
     keys = set()
-    for c in out["calls"]:
+    gen_meta = {}
+    for c, gc in zip(out["calls"], case["calls"]):
         for f in INPUT_FIELDS:
             if c[f] is not None:
                 keys.add(c[f]["key"])
+                if "gen" in gc[f]:
+                    spec = gc[f]["gen"]
+                    shape = spec["shape"]
+                    gen_meta[c[f]["key"]] = {"dtype": gc[f]["dtype"], "shape": list(shape), "ref": gc[f]}
+        if c.get("set_weights") is not None:
+            keys.add(c["set_weights"]["key"])
     iw = out["initial_weights"]
     for r in (iw if isinstance(iw, list) else [iw] if iw else []):
         keys.add(r["key"])
@@ -481,8 +495,9 @@ def _request_case(case):
         for f in ("x", "weights_before", "grads"):
             if st.get(f) is not None:
                 keys.add(st[f]["key"])
-    out["arrays"] = {k: case["arrays"][k] for k in sorted(keys)}
-    return out, keys
+    out["arrays"] = {k: ({"dtype": gen_meta[k]["dtype"], "shape": gen_meta[k]["shape"]} if k in gen_meta
+                         else case["arrays"][k]) for k in sorted(keys)}
+    return out, keys, {k: m["ref"] for k, m in gen_meta.items()}
 
 
 def run_exec_batch(cmd, backend_name, items, workdir):
@@ -490,7 +505,7 @@ def run_exec_batch(cmd, backend_name, items, workdir):
     req = {"format_version": FORMAT_VERSION, "backend": backend_name, "cases": []}
     arrays = {}
     for n, (chunk, case) in enumerate(items):
-        rc, keys = _request_case(case)
+        rc, keys, generated = _request_case(case)
         # keys are made unique across chunks by prefixing the case number
         ren = {k: f"{n:05d}/{k}" for k in keys}
         rc = json.loads(json.dumps(rc))
@@ -501,7 +516,7 @@ def run_exec_batch(cmd, backend_name, items, workdir):
             return ref
 
         for c in rc["calls"]:
-            fix(c["x"]), fix(c["mask"])
+            fix(c["x"]), fix(c["mask"]), fix(c.get("set_weights"))
         iw = rc["initial_weights"]
         for r in (iw if isinstance(iw, list) else [iw] if iw else []):
             fix(r)
@@ -510,7 +525,7 @@ def run_exec_batch(cmd, backend_name, items, workdir):
                 fix(rc["step"].get(f))
         rc["arrays"] = {ren[k]: v for k, v in rc["arrays"].items()}
         for k in keys:
-            arrays[ren[k]] = chunk.npz[k]
+            arrays[ren[k]] = chunk.arr(generated[k]) if k in generated else chunk.npz[k]
         req["cases"].append(rc)
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "request.json"), "w") as f:
