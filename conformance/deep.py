@@ -188,7 +188,8 @@ def reference64(x, mask, weights, cfg):
     float64 mask weights after TF's cast (or None); ``weights``: {name: float64 array}
     before the call; ``cfg``: the attributes this call reads (``fused``, ``training``,
     ``momentum``, ``epsilon``, ``center``, ``scale``, ``renorm``, ``renorm_clipping``,
-    ``renorm_momentum``, ``virtual_batch_size``, ``trainable``, ``axes``). Returns
+    ``renorm_momentum``, ``virtual_batch_size``, ``trainable``, ``axes``, ``adjustment``: the
+    name of a ``conformance.adjustments`` function or None). Returns
     ``(y, new_weights)``; NaN and inf propagate as the formulas make them.
     """
     with np.errstate(all="ignore"):
@@ -258,6 +259,16 @@ def _reference64(x, mask, weights, cfg):
     if not training:
         mean, var = b(w["moving_mean"]), b(w["moving_variance"])
     else:
+        if cfg.get("adjustment"):  # _compose_transforms(adj_scale, adj_bias, gamma, beta)
+            from .adjustments import ADJUSTMENTS
+
+            a_s, a_b = ADJUSTMENTS[cfg["adjustment"]](xs.shape)
+            a_s, a_b = np.float64(np.float32(a_s)), np.float64(np.float32(a_b))
+            if scale is not None:
+                a_s, a_b = a_s * scale, a_b * scale
+            if offset is not None:
+                a_b = a_b + offset
+            scale, offset = a_s, a_b
         if mask is None:
             mean = xs.mean(axis=red, keepdims=True)
             var = ((xs - mean) ** 2).mean(axis=red, keepdims=True)

@@ -13,6 +13,7 @@ outputs stored at ``samples`` positions plus per-channel summaries, and a call m
 
 from __future__ import annotations
 
+from .adjustments import MARKER
 from .cases import _seed
 
 T, F, N = True, False, None
@@ -220,6 +221,11 @@ def _changes():
     add("momentum=0.5,epsilon=0.1", {"momentum": 0.5, "epsilon": 0.1}, [("mixed_float16", {"dtype_policy": "mixed_float16"}),
                                                                        ("mixed_float16/nonfused", {"dtype_policy": "mixed_float16", "fused": False})])
     add("center=False/mask", {"center": False}, nonfused, mask={"dtype": "bool"})
+    add("adjustment=batch_affine", {"adjustment": {MARKER: "batch_affine"}}, both)
+    add("adjustment=None", {"adjustment": None}, [("adjust", {"adjustment": {MARKER: "last_dim_affine"}})])
+    add("adjustment=batch_affine/renorm", {"adjustment": {MARKER: "batch_affine"}}, [("renorm", {"renorm": True})])
+    add("adjustment=last_dim_affine/vbs", {"adjustment": {MARKER: "last_dim_affine"}},
+        [("vbs=8", {"virtual_batch_size": 8})])
     # set_weights between calls (every path), and before an inference call
     for pname, pk in [*both, ("renorm", {"renorm": True}), ("vbs=8", {"virtual_batch_size": 8})]:
         cases.append(_case("deep_changes", ["set_weights", pname], shape, -1, samples=512,

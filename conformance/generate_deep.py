@@ -16,7 +16,7 @@ import numpy as np
 
 from . import adjustments, deep
 
-DEEP_REVISION = 4
+DEEP_REVISION = 5
 #: what a deep chunk needs from a runner beyond the base format
 FEATURES = ("seeded_arrays", "sampled_outputs", "set_between_calls", "tf_error")
 #: the attributes the float64 recomputation reads from the layer before every call
@@ -137,12 +137,17 @@ def _stages(tf, BN, case, rec, kwargs, npz, p, rng, xs, ms, axes, to_tf, from_tf
     entries = []
     # the float64 layer runs alongside on its own state (from the same initial weights)
     state64 = {n: v.numpy().astype(np.float64) for n, v in zip(names, layer.weights)}
+    adj = case["init_kwargs"].get("adjustment")
+    adj_name = adj[adjustments.MARKER] if isinstance(adj, dict) else None
     for i, c in enumerate(case["calls"]):
         entry = {"training": c["training"], "x": xs[i][1], "mask": None if ms[i] is None else ms[i][1]}
         if c.get("set"):
             entry["set"] = c["set"]
-            for k, v in c["set"].items():
+            for k, v in adjustments.resolve(c["set"], adjustments.tf_impl).items():
                 setattr(layer, k, v)
+            if "adjustment" in c["set"]:
+                a = c["set"]["adjustment"]
+                adj_name = a[adjustments.MARKER] if isinstance(a, dict) else None
         if c.get("set_weights"):
             neww = _draw_weights(rng, names, shapes, wdt, make_weights)
             entry["set_weights"] = {"key": npz.add(p + f"sw{i}", np.stack(neww)), "index": None}
@@ -152,7 +157,7 @@ def _stages(tf, BN, case, rec, kwargs, npz, p, rng, xs, ms, axes, to_tf, from_tf
         cfg = {k: getattr(layer, k, None) for k in CALL_ATTRS}
         cfg.update(renorm_clipping=getattr(layer, "renorm_clipping", None),
                    renorm_momentum=getattr(layer, "renorm_momentum", None),
-                   training=bool(c["training"]), axes=axes)
+                   training=bool(c["training"]), axes=axes, adjustment=adj_name)
         before = {n: v.numpy().astype(np.float64) for n, v in zip(names, layer.weights)}
         kw = {"training": c["training"]}
         if ms[i] is not None:

@@ -397,7 +397,8 @@ def drive_case(factory, backend, chunk, case):
         if c["mask"] is not None:
             m = backend.asarray(np.array(chunk.arr(c["mask"])))
         try:
-            for k, v in (c.get("set") or {}).items():  # attributes TF reads on every call, set after build
+            # attributes TF reads on every call, set after build (an adjustment by name, as in init_kwargs)
+            for k, v in adjustments.resolve(c.get("set") or {}).items():
                 setattr(layer, k, v)
             if c.get("set_weights") is not None:
                 layer.set_weights([np.array(w) for w in chunk.arr(c["set_weights"])])
