@@ -190,8 +190,11 @@ def _changes():
 
     def add(tag, sets, path_kw, calls=None, **kw):
         for pname, pk in path_kw:
+            pk = dict(pk)
+            axis = pk.pop("axis", -1)
             seq = calls or [T, {"training": T, "set": sets}, T, F]
-            cases.append(_case("deep_changes", [tag, pname], shape, -1, calls=seq, samples=512, **{**pk, **kw}))
+            cases.append(_case("deep_changes", [tag, pname], shape if axis == -1 else (16, 8, 4, 4), axis,
+                               calls=seq, samples=512, **{**pk, **kw}))
 
     both = [("fused", {}), ("nonfused", {"fused": False})]
     nonfused = [("nonfused", {"fused": False})]
@@ -221,6 +224,14 @@ def _changes():
     add("momentum=0.5,epsilon=0.1", {"momentum": 0.5, "epsilon": 0.1}, [("mixed_float16", {"dtype_policy": "mixed_float16"}),
                                                                        ("mixed_float16/nonfused", {"dtype_policy": "mixed_float16", "fused": False})])
     add("center=False/mask", {"center": False}, nonfused, mask={"dtype": "bool"})
+    renorm = [("renorm", {"renorm": True, "renorm_clipping": {"rmax": 1.5, "dmax": 0.5}})]
+    add("trainable=False/renorm", {"trainable": False}, renorm)
+    add("epsilon=0.25/renorm", {"epsilon": 0.25}, renorm)
+    add("momentum=0/renorm", {"momentum": 0.0}, renorm)
+    add("center,scale=False/renorm", {"center": False, "scale": False}, renorm)
+    add("momentum=0/vbs", {"momentum": 0.0}, [("vbs=8", {"virtual_batch_size": 8})])
+    add("scale=False/mixed_float16", {"scale": False}, [("fused", {"dtype_policy": "mixed_float16"})])
+    add("center=False/NCHW", {"center": False}, [("fused", {"axis": 1})])
     add("adjustment=batch_affine", {"adjustment": {MARKER: "batch_affine"}}, both)
     add("adjustment=None", {"adjustment": None}, [("adjust", {"adjustment": {MARKER: "last_dim_affine"}})])
     add("adjustment=batch_affine/renorm", {"adjustment": {MARKER: "batch_affine"}}, [("renorm", {"renorm": True})])
