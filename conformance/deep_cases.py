@@ -221,8 +221,9 @@ def _changes():
     add("virtual_batch_size=4", {"virtual_batch_size": 4}, [("vbs=8", {"virtual_batch_size": 8})])
     add("virtual_batch_size=None", {"virtual_batch_size": None}, [("vbs=8", {"virtual_batch_size": 8})])
     add("virtual_batch_size=8", {"virtual_batch_size": 8}, both)
-    add("momentum=0.5,epsilon=0.1", {"momentum": 0.5, "epsilon": 0.1}, [("mixed_float16", {"dtype_policy": "mixed_float16"}),
-                                                                       ("mixed_float16/nonfused", {"dtype_policy": "mixed_float16", "fused": False})])
+    add("momentum=0.5,epsilon=0.1", {"momentum": 0.5, "epsilon": 0.1},
+        [("mixed_float16", {"dtype_policy": "mixed_float16"}),
+         ("mixed_float16/nonfused", {"dtype_policy": "mixed_float16", "fused": False})])
     add("center=False/mask", {"center": False}, nonfused, mask={"dtype": "bool"})
     renorm = [("renorm", {"renorm": True, "renorm_clipping": {"rmax": 1.5, "dmax": 0.5}})]
     add("trainable=False/renorm", {"trainable": False}, renorm)

@@ -197,7 +197,8 @@ def _stages(tf, BN, case, rec, kwargs, npz, p, rng, xs, ms, axes, to_tf, from_tf
             err["call"] = {"y": deep.max_error(yv.reshape(-1)[pos], yc.reshape(-1)[pos]),
                            "weights": [deep.max_error(a, newc[n]) for n, a in zip(names, after)]}
             # non-finite values where the recomputation is finite (or the reverse) are recorded, not hidden
-            err["nonfinite_mismatch"] = int(np.sum(np.isfinite(yv.reshape(-1)[pos]) != np.isfinite(y64.reshape(-1)[pos])))
+            finite_tf, finite64 = np.isfinite(yv.reshape(-1)[pos]), np.isfinite(y64.reshape(-1)[pos])
+            err["nonfinite_mismatch"] = int(np.sum(finite_tf != finite64))
         except Exception as e:  # noqa: BLE001 - a configuration the recomputation does not model
             err = {"unavailable": f"{type(e).__name__}: {e}"[:200]}
         entry["tf_error"] = err

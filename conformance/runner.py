@@ -113,7 +113,6 @@ class Chunk:
             a = a[ref["index"]]
         return a
 
-
     def generated(self, ref):
         """Regenerate a seeded array; its checksum must match the one TF's inputs had."""
         key = "gen:" + ref["sha256"]
@@ -484,9 +483,8 @@ def _request_case(case):
             if c[f] is not None:
                 keys.add(c[f]["key"])
                 if "gen" in gc[f]:
-                    spec = gc[f]["gen"]
-                    shape = spec["shape"]
-                    gen_meta[c[f]["key"]] = {"dtype": gc[f]["dtype"], "shape": list(shape), "ref": gc[f]}
+                    gen_meta[c[f]["key"]] = {"dtype": gc[f]["dtype"], "shape": list(gc[f]["gen"]["shape"]),
+                                             "ref": gc[f]}
         if c.get("set_weights") is not None:
             keys.add(c["set_weights"]["key"])
     iw = out["initial_weights"]
