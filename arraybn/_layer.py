@@ -189,6 +189,7 @@ class BatchNormalization:
         self._xp: ModuleType | None = None
         self._device: Any = None
         self._config: BNConfig | None = None
+        self._config_vbs: int | None = None  # virtual_batch_size at build (the weights' and axes' layout)
         self._input_ndim: int | None = None
         self._input_axes: dict[int, int] = {}
         self.input_spec: InputSpec | None = None  # Keras's: set by build
@@ -286,6 +287,7 @@ class BatchNormalization:
         # is the one the weights landed on: a requested torch.device("cuda") is "cuda:0" there.
         device = array_device(new_vars["moving_mean"])
         self._xp, self._device, self._config = xp, device, config
+        self._config_vbs = self.virtual_batch_size
         self._vars = new_vars
         self.fused = self._fusable = fused
         self.axis = [a + 1 for a in axes] if self.virtual_batch_size is not None else axes
@@ -419,14 +421,50 @@ class BatchNormalization:
                 "built for the non-fused path, so `fused` cannot be turned on after build."
             )
             raise AttributeError(msg)
+        fused = self._fusable and bool(self.fused)  # turned off after build: the non-fused path
         numbers = {
             "momentum": self.momentum,
             "epsilon": self.epsilon,
             "fused_avg_updates": isinstance(self.momentum, (float, int)),
-            "fused": self._fusable and bool(self.fused),  # turned off after build: the non-fused path
+            "fused": fused,
+            # the fused path replaces gamma/beta by 1/0 once scale/center is off (the non-fused one
+            # uses the weights whatever these say); turned on without the weight, TF's kernel gets None
+            "center": bool(self.center),
+            "scale": bool(self.scale),
         }
-        if self.renorm:
-            numbers.update(renorm_momentum=self.renorm_momentum, renorm_clipping=self.renorm_clipping)
+        if fused:
+            for flag, weight in (("center", "beta"), ("scale", "gamma")):
+                if getattr(self, flag) and weight not in self._vars:
+                    msg = (
+                        f"Attempt to convert a value (None) with an unsupported type (<class 'NoneType'>) to a "
+                        f"Tensor: `{flag}` was turned on after layer {self.name!r} was built without `{weight}`."
+                    )
+                    raise ValueError(msg)
+        else:
+            # the non-fused path reads renorm and its settings, and virtual_batch_size, on every call
+            numbers.update(renorm=bool(self.renorm), virtual_batch_size=self.virtual_batch_size)
+            if self.renorm:
+                if "renorm_mean" not in self._vars:
+                    msg = (
+                        "'BatchNormalization' object has no attribute 'renorm_mean' (renorm was turned on "
+                        f"after layer {self.name!r} was built without it)"
+                    )
+                    raise AttributeError(msg)
+                numbers.update(renorm_momentum=self.renorm_momentum, renorm_clipping=self.renorm_clipping)
+        built_vbs = self._config_vbs
+        if self.virtual_batch_size is not None and built_vbs is None:
+            # TF reshapes into ghost batches with the build-time axes: its reshape or kernel fails
+            msg = (
+                f"virtual_batch_size={self.virtual_batch_size!r} was set after layer {self.name!r} was built "
+                "without ghost batches: TensorFlow's reshape (or fused kernel) rejects the input."
+            )
+            raise ValueError(msg)
+        if self.virtual_batch_size is None and built_vbs is not None:
+            msg = (
+                "list index out of range (virtual_batch_size was set to None after build: the axes "
+                "were shifted for the ghost-batch axis; TensorFlow raises IndexError here)"
+            )
+            raise IndexError(msg)
         if all(getattr(config, k) is v for k, v in numbers.items()):
             return config  # the usual call: nothing set since build (no dataclass to rebuild)
         current = dataclasses.replace(config, **numbers)

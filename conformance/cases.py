@@ -756,6 +756,9 @@ def groups():
         {"name": "frozen_momentum", "description": "momentum None/True, frozen and not, on every path.",
          "crossed": ["momentum", "path", "trainable"], "pairwise": [], "cases": _frozen_momentum()},
     ]
+    from .deep_cases import deep_groups
+
+    G.extend(deep_groups())
     seen = set()
     for g in G:
         for c in g["cases"]:

@@ -228,6 +228,10 @@ def classify(tf, exc):
 
 
 def run_case(tf, BN, case, idx, npz):
+    if case.get("deep"):
+        from .generate_deep import run_deep_case
+
+        return run_deep_case(tf, BN, case, idx, npz)
     tf.keras.backend.clear_session()
     rng = np.random.default_rng(case["seed"])
     p = f"{idx:04d}."
@@ -464,7 +468,12 @@ def chunks():
 
 
 def _chunk_hash(part):
-    return group_hash(part, extra=f"rev{GENERATOR_REVISION}-fmt{FORMAT_VERSION}")
+    extra = f"rev{GENERATOR_REVISION}-fmt{FORMAT_VERSION}"
+    if part.get("deep"):
+        from .generate_deep import DEEP_REVISION
+
+        extra += f"-deep{DEEP_REVISION}"
+    return group_hash(part, extra=extra)
 
 
 def _is_done(out, name, part):
@@ -518,6 +527,10 @@ def _worker(args):
         "arrays_file": name + ".npz",
         "cases": records,
     }
+    if part.get("deep"):
+        from .generate_deep import FEATURES
+
+        doc["features"] = list(FEATURES)
     _write_json(os.path.join(out, name + ".json.gz"), doc)
     return name
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import FORMAT_VERSION, adjustments, read_json
+from . import FORMAT_VERSION, adjustments, deep, read_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_GOLDENS = os.path.join(HERE, "goldens")
@@ -73,6 +73,12 @@ LOSS_TOL = {"rtol": 1e-5, "atol": 1e-7}
 LOSS_TOL_HALF = {"rtol": 8 * 2.0**-10, "atol": 1e-3}
 CONFIG_FLOAT_RTOL = 1e-6
 
+#: Deep groups (docs/conformance.md, "Tolerances of the deep groups"): a value passes when
+#: |impl - TF| <= max(the dtype's tolerance above, DEEP_K * TF's own error against float64)
+DEEP_K = 4.0
+#: the features of the golden format this runner reads (a chunk lists those it needs)
+FEATURES = {"seeded_arrays", "sampled_outputs", "set_between_calls", "tf_error"}
+
 #: TensorFlow exception class -> exception class a port must raise.
 ERROR_MAP = {"InvalidArgumentError": "ValueError"}
 
@@ -86,14 +92,19 @@ class Chunk:
         self.doc = read_json(os.path.join(goldens, entry["json"]))
         if self.doc["format_version"] != FORMAT_VERSION:
             raise ValueError(f"unsupported format_version {self.doc['format_version']}")
+        missing = set(self.doc.get("features", [])) - FEATURES
+        if missing:
+            raise ValueError(f"{entry['json']}: unsupported format features {sorted(missing)}")
         self.npz = np.load(os.path.join(goldens, entry["npz"]), allow_pickle=False)
         self.group = self.doc["group"]
         self._cache = {}
 
     def arr(self, ref, as_float=True):
-        """Array of a reference ``{"key", "index"}``; bf16 bits -> float32 values."""
+        """Array of a reference ``{"key", "index"}`` (or a seeded ``{"gen", "sha256"}`` one)."""
         if ref is None:
             return None
+        if "gen" in ref:
+            return self.generated(ref)
         key = ref["key"]
         a = self._cache.get(key)
         if a is None:
@@ -101,6 +112,25 @@ class Chunk:
         if ref.get("index") is not None:
             a = a[ref["index"]]
         return a
+
+    def generated(self, ref):
+        """Regenerate a seeded array; its checksum must match the one TF's inputs had."""
+        key = "gen:" + ref["sha256"]
+        a = self._cache.get(key)
+        if a is None:
+            a = deep.make_array(ref["gen"])
+            if deep.checksum(a) != ref["sha256"]:
+                raise ValueError(f"regenerated array {ref['gen']} does not match its checksum (NumPy's random "
+                                 "stream changed?): the deep goldens cannot be replayed with this NumPy")
+            if len(self._cache) > 8:  # the deep groups' inputs reach megabytes: keep a few
+                self._cache = {k: v for k, v in self._cache.items() if not k.startswith("gen:")}
+            self._cache[key] = a
+        return a
+
+
+def ref_dtype(case, ref):
+    """The dtype tag of an array reference (a seeded one carries its own)."""
+    return ref["dtype"] if "gen" in ref else case["arrays"][ref["key"]]["dtype"]
 
 
 def load_manifest(goldens=DEFAULT_GOLDENS):
@@ -140,7 +170,7 @@ def golden_values(chunk, case, ref):
     a = chunk.arr(ref)
     if a is None:
         return None
-    if case["arrays"][ref["key"]]["dtype"] == "bfloat16":
+    if ref_dtype(case, ref) == "bfloat16":
         return bf16_bits_to_f32(a)
     return a
 
@@ -363,11 +393,20 @@ def drive_case(factory, backend, chunk, case):
         res["error"] = _err("resolve", e)
         return res
     for i, c in enumerate(case["calls"]):
-        tag = case["arrays"][c["x"]["key"]]["dtype"]
+        tag = ref_dtype(case, c["x"])
         x = backend.asarray(np.array(chunk.arr(c["x"])), tag)
         m = None
         if c["mask"] is not None:
             m = backend.asarray(np.array(chunk.arr(c["mask"])))
+        try:
+            # attributes TF reads on every call, set after build (an adjustment by name, as in init_kwargs)
+            for k, v in adjustments.resolve(c.get("set") or {}).items():
+                setattr(layer, k, v)
+            if c.get("set_weights") is not None:
+                layer.set_weights([np.array(w) for w in chunk.arr(c["set_weights"])])
+        except Exception as e:  # noqa: BLE001
+            res["error"] = _err("set", e, i)
+            return res
         try:
             y = layer(x, training=c["training"], mask=m)
         except Exception as e:  # noqa: BLE001
@@ -428,16 +467,29 @@ def _request_case(case):
     """The golden record without any expected outputs."""
     out = {k: case[k] for k in ("id", "init_kwargs", "input_shape", "input_dtype", "weights")}
     out["initial_weights"] = case.get("initial_weights")
-    out["calls"] = [{"training": c["training"], "x": c["x"], "mask": c["mask"], **({"losses": True} if "losses" in c else {})}
+
+    def plain(ref):  # a seeded array travels as an ordinary array of the request
+        return {"key": "gen/" + ref["sha256"], "index": None} if ref is not None and "gen" in ref else ref
+
+    out["calls"] = [{"training": c["training"], "x": plain(c["x"]), "mask": plain(c["mask"]),
+                     **({"losses": True} if "losses" in c else {}),
+                     **({"set": c["set"]} if c.get("set") else {}),
+                     **({"set_weights": c["set_weights"]} if c.get("set_weights") else {})}
                     for c in case["calls"]]
     st = case.get("step")
     out["step"] = None if st is None else {k: st[k] for k in ("learning_rate", "x", "weights_before", "grads",
                                                                "grad_names")}
     keys = set()
-    for c in out["calls"]:
+    gen_meta = {}
+    for c, gc in zip(out["calls"], case["calls"]):
         for f in INPUT_FIELDS:
             if c[f] is not None:
                 keys.add(c[f]["key"])
+                if "gen" in gc[f]:
+                    gen_meta[c[f]["key"]] = {"dtype": gc[f]["dtype"], "shape": list(gc[f]["gen"]["shape"]),
+                                             "ref": gc[f]}
+        if c.get("set_weights") is not None:
+            keys.add(c["set_weights"]["key"])
     iw = out["initial_weights"]
     for r in (iw if isinstance(iw, list) else [iw] if iw else []):
         keys.add(r["key"])
@@ -445,8 +497,9 @@ def _request_case(case):
         for f in ("x", "weights_before", "grads"):
             if st.get(f) is not None:
                 keys.add(st[f]["key"])
-    out["arrays"] = {k: case["arrays"][k] for k in sorted(keys)}
-    return out, keys
+    out["arrays"] = {k: ({"dtype": gen_meta[k]["dtype"], "shape": gen_meta[k]["shape"]} if k in gen_meta
+                         else case["arrays"][k]) for k in sorted(keys)}
+    return out, keys, {k: m["ref"] for k, m in gen_meta.items()}
 
 
 def run_exec_batch(cmd, backend_name, items, workdir, timeout=None):
@@ -454,7 +507,7 @@ def run_exec_batch(cmd, backend_name, items, workdir, timeout=None):
     req = {"format_version": FORMAT_VERSION, "backend": backend_name, "cases": []}
     arrays = {}
     for n, (chunk, case) in enumerate(items):
-        rc, keys = _request_case(case)
+        rc, keys, generated = _request_case(case)
         # keys are made unique across chunks by prefixing the case number
         ren = {k: f"{n:05d}/{k}" for k in keys}
         rc = json.loads(json.dumps(rc))
@@ -465,7 +518,7 @@ def run_exec_batch(cmd, backend_name, items, workdir, timeout=None):
             return ref
 
         for c in rc["calls"]:
-            fix(c["x"]), fix(c["mask"])
+            fix(c["x"]), fix(c["mask"]), fix(c.get("set_weights"))
         iw = rc["initial_weights"]
         for r in (iw if isinstance(iw, list) else [iw] if iw else []):
             fix(r)
@@ -474,7 +527,7 @@ def run_exec_batch(cmd, backend_name, items, workdir, timeout=None):
                 fix(rc["step"].get(f))
         rc["arrays"] = {ren[k]: v for k, v in rc["arrays"].items()}
         for k in keys:
-            arrays[ren[k]] = chunk.npz[k]
+            arrays[ren[k]] = chunk.arr(generated[k]) if k in generated else chunk.npz[k]
         req["cases"].append(rc)
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "request.json"), "w") as f:
@@ -558,18 +611,20 @@ class Outcome:
     xfail_reason: str = ""
 
 
-def compare_arrays(got, ref, dtype, what, out, rows=None):
+def compare_arrays(got, ref, dtype, what, out, rows=None, floor=None):
     """Compare with the dtype's tolerance; record metrics in ``out``; return problem or None.
 
     ``rows``: names of the leading axis' entries (stacked weights); each row
-    then gets its own scale S and is reported by name.
+    then gets its own scale S and is reported by name. ``floor``: an absolute
+    difference always allowed (deep groups: ``DEEP_K`` times TF's own error; one
+    value per row with ``rows``).
     """
     got = np.asarray(got, np.float64)
     ref = np.asarray(ref, np.float64)
     if got.shape != ref.shape:
         return f"{what}: shape {list(got.shape)} != {list(ref.shape)}"
     if rows is not None:
-        return _compare_rows(got, ref, dtype, what, out, rows)
+        return _compare_rows(got, ref, dtype, what, out, rows, floor)
     tol = TOLERANCES.get(dtype, TOLERANCES["float32"])
     fr = np.isfinite(ref)
     fg = np.isfinite(got)
@@ -584,6 +639,8 @@ def compare_arrays(got, ref, dtype, what, out, rows=None):
     scale = max(1.0, float(np.max(np.abs(r))))
     d = np.abs(g - r)
     allowed = tol["atol"] * scale + tol["rtol"] * np.abs(r)
+    if floor:
+        allowed = np.maximum(allowed, floor)
     ratio = d / allowed
     k = int(np.argmax(ratio))
     rel = d / np.maximum(np.abs(r), np.finfo(np.float64).tiny)
@@ -598,19 +655,20 @@ def compare_arrays(got, ref, dtype, what, out, rows=None):
     return None
 
 
-def _compare_rows(got, ref, dtype, what, out, rows):
+def _compare_rows(got, ref, dtype, what, out, rows, floor=None):
     tol = TOLERANCES.get(dtype, TOLERANCES["float32"])
     n = ref.shape[0]
     g2, r2 = got.reshape(n, -1), ref.reshape(n, -1)
+    floors = np.zeros(n) if floor is None else np.broadcast_to(np.asarray(floor, np.float64), (n,))
     if not (np.isfinite(r2).all() and np.isfinite(g2).all()):
         for j in range(n):
-            p = compare_arrays(g2[j], r2[j], dtype, f"{what} {rows[j]}", out)
+            p = compare_arrays(g2[j], r2[j], dtype, f"{what} {rows[j]}", out, floor=float(floors[j]))
             if p:
                 return p
         return None
     scale = np.maximum(1.0, np.abs(r2).max(axis=1, initial=0.0))[:, None]
     d = np.abs(g2 - r2)
-    allowed = tol["atol"] * scale + tol["rtol"] * np.abs(r2)
+    allowed = np.maximum(tol["atol"] * scale + tol["rtol"] * np.abs(r2), floors[:, None])
     if d.size == 0:
         return None
     ratio = d / allowed
@@ -625,6 +683,55 @@ def _compare_rows(got, ref, dtype, what, out, rows):
         return (f"{what} {rows[k[0]]}: max |diff| {d[k]:.3g} > allowed {allowed[k]:.3g} "
                 f"(ref {r2[k]:.6g}, got {g2[k]:.6g}, dtype {dtype})")
     return None
+
+
+def _deep_floor(err, key):
+    """``DEEP_K`` times TF's recorded error (0 where the recomputation was unavailable)."""
+    if not err or "unavailable" in err:
+        return 0.0
+    v = err[key]
+    return DEEP_K * np.asarray(v, np.float64) if isinstance(v, list) else DEEP_K * float(v)
+
+
+def _compare_deep_call(chunk, case, i, c, rc, gres, o):
+    """A deep call: output at the sampled positions, per-channel summaries, weights.
+
+    Each array passes within the dtype's tolerance or within ``DEEP_K`` times TF's own
+    error against the float64 recomputation, whichever is larger.
+    """
+    P = []
+    ydt = c["y_dtype"]
+    err = c.get("tf_error")
+    what = f"call {i} (training={c['training']})"
+    if rc["y_dtype"] != ydt:
+        P.append(f"call {i}: output dtype {rc['y_dtype']} != TF {ydt}")
+    if "namespace" in rc and rc["namespace"] != rc.get("input_namespace"):
+        P.append(f"call {i}: output namespace {rc['namespace']} != input namespace {rc.get('input_namespace')}")
+    y = np.asarray(rc["y"])
+    if list(rc.get("y_shape", y.shape)) != list(c["y_shape"]):
+        P.append(f"call {i}: output shape {rc.get('y_shape')} != TF {c['y_shape']}")
+        return P
+    if c.get("y_sample") is not None:
+        sp = c["y_sample"]["positions"]
+        pos = deep.sample_positions(y.size, sp["n"], sp["seed"])
+        p = compare_arrays(y.reshape(-1)[pos], golden_values(chunk, case, c["y_sample"]), ydt,
+                           f"{what} output (sampled)", o, floor=_deep_floor(err, "y"))
+        if p:
+            P.append(p)
+    p = compare_arrays(deep.channel_summary(y, deep.axes_of(case)), chunk.arr(c["y_summary"]), ydt,
+                       f"{what} output per-channel [mean, std]", o, floor=_deep_floor(err, "y_summary"))
+    if p:
+        P.append(p)
+    ref_w = chunk.arr(c["weights"])
+    got_w = np.asarray(rc["weights"])
+    if got_w.shape != ref_w.shape:
+        P.append(f"call {i}: weights shape {list(got_w.shape)} != TF {list(ref_w.shape)}")
+    else:
+        p = compare_arrays(got_w, ref_w, gres["weight_dtypes"][0], what, o, rows=gres["weight_names"],
+                           floor=_deep_floor(err, "weights"))
+        if p:
+            P.append(p)
+    return P
 
 
 def _compare_losses(got: list, got_dtypes: list, ref: list, ref_dtypes: list, what: str) -> list:
@@ -813,6 +920,9 @@ def compare_case(chunk, case, res, numerics_only=False):
         if i >= len(res.get("calls", [])):
             break
         rc = res["calls"][i]
+        if "y_summary" in c:
+            P.extend(_compare_deep_call(chunk, case, i, c, rc, gres, o))
+            continue
         if "y" not in c:
             # TF raised here (error or defect): only sanity-check a defect
             if defect:
