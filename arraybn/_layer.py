@@ -34,7 +34,11 @@ from ._namespace import (
 )
 from ._policy import Policy, get_policy
 from ._validation import (
+    build_shape,
+    check_adjustment_result,
+    check_array_dtype,
     check_axis_argument,
+    check_input_object,
     check_rank_defined,
     check_renorm_clipping,
     check_virtual_batch,
@@ -152,7 +156,10 @@ class BatchNormalization:
         kwargs.pop("synchronized", None)  # the v1 layer drops it
         for key in kwargs:
             if key not in _BASE_KWARGS:
-                msg = f"Keyword argument not understood: {key}"
+                msg = (
+                    f"Keyword argument not understood: {key} (received {key}={kwargs[key]!r}). Allowed: the "
+                    f"BatchNormalization arguments and {sorted(_BASE_KWARGS)}."
+                )
                 raise TypeError(msg)
         self.axis: int | list[int] = check_axis_argument(axis)
         self._policy: Policy = get_policy(kwargs.get("dtype"))
@@ -160,14 +167,16 @@ class BatchNormalization:
         self.epsilon = epsilon
         self.center = center
         self.scale = scale
-        self.beta_initializer = _initializers.get(beta_initializer)
-        self.gamma_initializer = _initializers.get(gamma_initializer)
-        self.moving_mean_initializer = _initializers.get(moving_mean_initializer)
-        self.moving_variance_initializer = _initializers.get(moving_variance_initializer)
-        self.beta_regularizer = _regularizers.get(beta_regularizer)
-        self.gamma_regularizer = _regularizers.get(gamma_regularizer)
-        self.beta_constraint = _constraints.get(beta_constraint)
-        self.gamma_constraint = _constraints.get(gamma_constraint)
+        self.beta_initializer = _named(_initializers.get, "beta_initializer", beta_initializer)
+        self.gamma_initializer = _named(_initializers.get, "gamma_initializer", gamma_initializer)
+        self.moving_mean_initializer = _named(_initializers.get, "moving_mean_initializer", moving_mean_initializer)
+        self.moving_variance_initializer = _named(
+            _initializers.get, "moving_variance_initializer", moving_variance_initializer
+        )
+        self.beta_regularizer = _named(_regularizers.get, "beta_regularizer", beta_regularizer)
+        self.gamma_regularizer = _named(_regularizers.get, "gamma_regularizer", gamma_regularizer)
+        self.beta_constraint = _named(_constraints.get, "beta_constraint", beta_constraint)
+        self.gamma_constraint = _named(_constraints.get, "gamma_constraint", gamma_constraint)
         self.renorm = renorm
         self.virtual_batch_size = virtual_batch_size
         self.adjustment = adjustment
@@ -183,8 +192,11 @@ class BatchNormalization:
         self.supports_masking = True
         self._batch_input_shape = _batch_input_shape(kwargs)
         self._initial_weights = kwargs.get("weights")
-        self.activity_regularizer = _regularizers.get(kwargs.get("activity_regularizer"))
+        self.activity_regularizer = _named(
+            _regularizers.get, "activity_regularizer", kwargs.get("activity_regularizer")
+        )
         self._built = False
+        self._built_axis: list[int] = []
         self._fusable = False  # build's resolution of `fused`: whether the fused path can be taken
         self._xp: ModuleType | None = None
         self._device: Any = None
@@ -241,7 +253,7 @@ class BatchNormalization:
                 f"dtype={self._policy.name!r}. Use 'float32', 'float64', 'mixed_float16', ..."
             )
             raise ValueError(msg)
-        shape = tuple(None if unknown_size(s) else int(s) for s in input_shape)  # None: unknown
+        shape = build_shape(input_shape)  # None: unknown
         axes = validate_axis(self.axis, shape)
         undefined = [a for a in axes if shape[a] is None]
         if undefined:
@@ -249,7 +261,7 @@ class BatchNormalization:
             raise ValueError(msg)
         rank = len(shape)
         check_virtual_batch(self.virtual_batch_size, axes, self.adjustment)
-        fused = resolve_fused(
+        fused, fused_value = resolve_fused(
             self.fused,
             rank=rank,
             axes=axes,
@@ -287,11 +299,12 @@ class BatchNormalization:
         device = array_device(new_vars["moving_mean"])
         self._xp, self._device, self._config = xp, device, config
         self._vars = new_vars
-        self.fused = self._fusable = fused
+        self.fused, self._fusable = fused_value, fused
         self.axis = [a + 1 for a in axes] if self.virtual_batch_size is not None else axes
         self._input_ndim = rank
         self._input_axes = {a: shape[a] for a in axes}
         self.input_spec = InputSpec(ndim=rank, axes=dict(self._input_axes))
+        self._built_axis = list(self.axis)
         self._initial_weights = None  # Keras sets the constructor's `weights` once, at the first build
         self._built = True
 
@@ -318,8 +331,19 @@ class BatchNormalization:
     def __call__(self, inputs: Array, training: Any = None, mask: Array | None = None) -> Array:
         """Normalize ``inputs``; ``training=None`` means inference (the v1 learning phase 0)."""
         check_rank_defined(inputs)
+        if not is_array(inputs):
+            check_input_object(inputs, built=self._built)
+        check_array_dtype(inputs, "inputs")
+        if not self._built and is_array(inputs) and inputs.ndim == 0:
+            msg = f"Input has undefined rank. Received: input_shape=() (inputs={inputs!r}); inputs of rank 1 or more are allowed."
+            raise ValueError(msg)
+        mask_given = mask is not None
+        if mask is not None and not _training_value(training):
+            mask = None  # TF reads the mask in training only (the fused path still warns)
         if mask is not None and not is_array(mask):  # a list or a scalar, as TF converts it
-            mask = array_namespace(inputs).asarray(mask, device=array_device(inputs))
+            mask = _converted_mask(mask, inputs)
+        if mask is not None:
+            check_array_dtype(mask, "mask")
         xp = array_namespace(inputs) if mask is None else array_namespace(inputs, mask)
         if mask is not None and not is_traced(inputs) and array_device(mask) != array_device(inputs):
             msg = (
@@ -328,7 +352,7 @@ class BatchNormalization:
             )
             raise ValueError(msg)
         if not self._built:
-            self.build(tuple(inputs.shape), xp=xp, device=array_device(inputs))
+            self.build(tuple(None if unknown_size(s) else s for s in inputs.shape), xp=xp, device=array_device(inputs))
         else:
             self._check_input(inputs, xp)
         assert self._config is not None
@@ -336,11 +360,27 @@ class BatchNormalization:
         if not self._config.axis:
             msg = "list index out of range (axis=[]: no axis to normalize; TensorFlow raises IndexError here)"
             raise IndexError(msg)
-        config = self._current_config(self._config)
+        config = self._current_config(self._config, training)
         # momentum is read by the updates: a frozen non-fused layer makes none (the fused path converts it anyway)
         reads_momentum = training and (bool(self.trainable) or config.fused)
-        _check_call_numbers(self.momentum, self.epsilon, training=reads_momentum, fused=config.fused)
-        if config.fused and mask is not None:
+        _check_call_numbers(
+            self.momentum,
+            self.epsilon,
+            training=reads_momentum,
+            fused=config.fused,
+            renorm_momentum=getattr(self, "renorm_momentum", None) if training and config.renorm else None,
+            renorm_epsilon=training and config.renorm and not config.fused,
+        )
+        adjustment = self.adjustment
+        if training and not config.fused and _truthy(adjustment):  # TF calls it in non-fused training only
+            if not callable(adjustment):
+                msg = f"`adjustment` must be a callable (shape) -> (scale, bias); received adjustment={adjustment!r}."
+                raise TypeError(msg)
+            pair = check_adjustment_result(_call_user(adjustment, "adjustment", tuple(inputs.shape)), inputs.shape)
+            adjustment = lambda shape: pair  # noqa: E731 - computed once, checked
+        else:
+            adjustment = None  # inference and the fused kernel do not call it
+        if config.fused and mask_given:
             warnings.warn(
                 "Masking is not supported with `fused=True`. You should either turn off fusing "
                 "(`fused=False`) or you should not pass a `mask` argument when calling the layer. "
@@ -362,16 +402,16 @@ class BatchNormalization:
                 training=training,
                 config=config,
                 mask=mask,
-                adjustment=self.adjustment,
+                adjustment=adjustment,
                 trainable=bool(self.trainable),
                 xp=xp,
             )
         changed = {k: a for k, a in new_state._asdict().items() if a is not None and a is not v.get(k)}
         activity_losses = []
-        if self.activity_regularizer is not None:
+        if self.activity_regularizer is not None and _truthy(self.activity_regularizer):
             # Keras: the penalty of the output divided by the batch size
             require_known_sizes(y.shape[:1], "The activity regularizer's mean over the batch")
-            loss = self.activity_regularizer(y)
+            loss = _call_user(self.activity_regularizer, "activity_regularizer", y)
             loss = loss / y.shape[0]
             if is_jax_namespace(xp):  # a kept JAX value carries no gradient; under jax.grad this is the value
                 loss = stop_gradient(loss)
@@ -410,23 +450,68 @@ class BatchNormalization:
         )
         return []
 
-    def _current_config(self, config: BNConfig) -> BNConfig:
+    def _check_changed_after_build(self, config: BNConfig) -> None:
+        """``axis``, ``virtual_batch_size``, ``center`` and ``scale`` set after build: TF reads them on
+        every call against weights built for the old values, and fails (its exception classes)."""
+        axis = self.axis
+        same = isinstance(axis, (list, tuple)) and all(isinstance(a, int) for a in axis) and set(axis) == set(self._built_axis)
+        if not config.fused and not same:
+            if isinstance(axis, dict):
+                cls: type[Exception] = KeyError
+            elif not isinstance(axis, (list, tuple)) or not all(isinstance(a, int) for a in axis):
+                cls = TypeError
+            elif not axis:
+                cls = IndexError
+            else:
+                cls = ValueError
+            msg = (
+                f"layer {self.name!r} was built with axis={self._built_axis} and cannot normalize another axis; "
+                f"received axis={axis!r} set after build. Build the layer anew (layer.build(shape)) instead."
+            )
+            raise cls(msg)
+        vbs = self.virtual_batch_size
+        if not (vbs is config.virtual_batch_size or _equal(vbs, config.virtual_batch_size)):
+            cls = IndexError if vbs is None else ValueError
+            msg = (
+                f"layer {self.name!r} was built with virtual_batch_size={config.virtual_batch_size!r}; received "
+                f"virtual_batch_size={vbs!r} set after build (TensorFlow fails in its reshape). Build the layer "
+                "anew (layer.build(shape)) instead."
+            )
+            raise cls(msg)
+        for flag, weight in (("center", "beta"), ("scale", "gamma")):
+            value = getattr(self, flag)
+            if config.fused and weight not in self._vars and _truthy(value):
+                msg = (
+                    f"layer {self.name!r} was built without {weight!r} ({flag}=False) and its fused path cannot "
+                    f"use {flag}={value!r} set after build: there is no {weight} to apply. Build the layer anew."
+                )
+                raise ValueError(msg)
+
+    def _current_config(self, config: BNConfig, training: bool = True) -> BNConfig:
         """The build-time config with the numbers TF reads on every call (set after build, say)."""
-        if self.fused and not self._fusable:
+        try:
+            fused_on = bool(self.fused)
+        except (TypeError, ValueError) as err:
+            msg = f"`fused` must be True, False or None; received fused={self.fused!r} ({err})."
+            raise ValueError(msg) from err
+        if fused_on and not self._fusable:
             # TF reads self.fused on every call; its fused path then needs what build sets only for it
             msg = (
                 f"'BatchNormalization' object has no attribute '_data_format': layer {self.name!r} was "
-                "built for the non-fused path, so `fused` cannot be turned on after build."
+                f"built for the non-fused path, so `fused` cannot be turned on after build (received fused={self.fused!r})."
             )
             raise AttributeError(msg)
+        self._check_changed_after_build(config)
         numbers = {
             "momentum": self.momentum,
             "epsilon": self.epsilon,
             "fused_avg_updates": isinstance(self.momentum, (float, int)),
-            "fused": self._fusable and bool(self.fused),  # turned off after build: the non-fused path
+            "fused": self._fusable and fused_on,  # turned off after build: the non-fused path
         }
         if self.renorm:
-            numbers.update(renorm_momentum=self.renorm_momentum, renorm_clipping=self.renorm_clipping)
+            numbers.update(renorm_momentum=self.renorm_momentum)
+            if training and not numbers["fused"]:  # TF reads the clipping in renorm training only
+                numbers.update(renorm_clipping=_checked_clipping(self.renorm_clipping))
         if all(getattr(config, k) is v for k, v in numbers.items()):
             return config  # the usual call: nothing set since build (no dataclass to rebuild)
         current = dataclasses.replace(config, **numbers)
@@ -562,7 +647,16 @@ class BatchNormalization:
                 )
                 raise ValueError(msg)
             # a copy of the values, outside autograd, as Keras assigns them to its variables
-            out[name] = stored(_to_namespace(stored(w) if is_array(w) else w, xp, dtype, device))
+            try:
+                if getattr(getattr(w, "dtype", None), "kind", None) in ("O", "U", "S"):
+                    w = w.astype(to_numpy(ref).dtype)  # TF converts an object array's numbers; strings fail
+                out[name] = stored(_to_namespace(stored(w) if is_array(w) else w, xp, dtype, device))
+            except (TypeError, ValueError) as err:
+                msg = (
+                    f"Layer {self.name}: could not set weight '{name}' from the provided value "
+                    f"{_short(w)} ({err}); an array-like of shape {tuple(ref.shape)} of real numbers is allowed."
+                )
+                raise type(err)(msg) from err
         return out
 
     def _weight(self, name: str) -> Array | None:
@@ -582,18 +676,18 @@ class BatchNormalization:
         """Penalties: the last call's activity regularization, then gamma's and beta's regularizers."""
         out = list(self._activity_losses)
         if "gamma" in self._vars and self.gamma_regularizer is not None:
-            out.append(self.gamma_regularizer(self._vars["gamma"]))
+            out.append(_call_user(self.gamma_regularizer, "gamma_regularizer", self._vars["gamma"]))
         if "beta" in self._vars and self.beta_regularizer is not None:
-            out.append(self.beta_regularizer(self._vars["beta"]))
+            out.append(_call_user(self.beta_regularizer, "beta_regularizer", self._vars["beta"]))
         return out
 
     def apply_constraints(self) -> None:
         """Project gamma and beta with their constraints, as Keras's optimizer does after an update."""
         new = dict(self._vars)
         if "gamma" in new and self.gamma_constraint is not None:
-            new["gamma"] = self.gamma_constraint(new["gamma"])
+            new["gamma"] = _call_user(self.gamma_constraint, "gamma_constraint", new["gamma"])
         if "beta" in new and self.beta_constraint is not None:
-            new["beta"] = self.beta_constraint(new["beta"])
+            new["beta"] = _call_user(self.beta_constraint, "beta_constraint", new["beta"])
         self._vars = new
 
     # ------------------------------------------------------------------ config
@@ -635,7 +729,15 @@ class BatchNormalization:
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> BatchNormalization:
-        return cls(**config)
+        """A layer from `get_config`'s dict; any problem with it is a TypeError, as in Keras."""
+        try:
+            return cls(**config)
+        except Exception as err:
+            msg = (
+                f"Error when deserializing class 'BatchNormalization': {type(err).__name__}: {err}\n\n"
+                f"Received config={config!r}; a dict of the constructor's arguments (get_config()) is allowed."
+            )
+            raise TypeError(msg) from err
 
     def __repr__(self) -> str:
         state = "built" if self._built else "unbuilt"
@@ -653,7 +755,18 @@ def _batch_input_shape(kwargs: dict[str, Any]) -> tuple[Any, ...] | None:
     return None
 
 
-def _check_call_numbers(momentum: Any, epsilon: Any, *, training: bool, fused: bool) -> None:
+_F32_MAX = 3.4028234663852886e38
+
+
+def _check_call_numbers(
+    momentum: Any,
+    epsilon: Any,
+    *,
+    training: bool,
+    fused: bool,
+    renorm_momentum: Any = None,
+    renorm_epsilon: bool = False,
+) -> None:
     """TF accepts any momentum/epsilon at construction and fails where it first uses them.
 
     ``epsilon=None`` is the fused kernel's attribute default (1e-4, see `BNConfig`) on the fused
@@ -663,10 +776,30 @@ def _check_call_numbers(momentum: Any, epsilon: Any, *, training: bool, fused: b
     """
     if not _is_real(epsilon) and not (epsilon is None and fused):
         msg = f"epsilon must be a real number; received epsilon={epsilon!r}."
-        raise ValueError(msg)
+        # the fused kernel's float attribute: TypeError; elsewhere the conversion to a tensor: ValueError
+        raise TypeError(msg) if fused else ValueError(msg)
+    if training and fused and type(momentum).__module__ == "numpy" and hasattr(momentum, "__index__"):
+        msg = f"Cannot convert 1.0 to a tensor of momentum's dtype: received momentum={momentum!r}; a float is allowed."
+        raise TypeError(msg)  # the fused kernel's update converts 1.0 to the momentum's integer dtype
     if training and not _is_real(momentum):
         msg = f"momentum must be a real number; received momentum={momentum!r}."
         raise ValueError(msg) if momentum is None and fused else TypeError(msg)
+    if renorm_momentum is not None and not _is_real(renorm_momentum) or renorm_momentum is None and renorm_epsilon:
+        msg = f"renorm_momentum must be a real number; received renorm_momentum={renorm_momentum!r}."
+        raise TypeError(msg)
+    # TF converts these Python numbers to float32 tensors: a finite value beyond float32's range fails
+    too_large = [("momentum", momentum)] if training and not fused else []
+    if renorm_momentum is not None:
+        too_large.append(("renorm_momentum", renorm_momentum))
+    if renorm_epsilon:
+        too_large.append(("epsilon", epsilon))
+    for name, value in too_large:
+        if _is_real(value) and math.isfinite(float(value)) and abs(float(value)) > _F32_MAX:
+            msg = (
+                f"{name}={value!r} is out of float32's range (TensorFlow cannot convert it to a tensor); "
+                f"a real number of magnitude at most {_F32_MAX:.7g} is allowed."
+            )
+            raise ValueError(msg)
 
 
 def _is_real(value: Any) -> bool:
@@ -692,9 +825,90 @@ def _training_value(training: Any) -> bool:
     except TypeError:  # unhashable (an array)
         valid = False
     if not valid:
-        msg = f"`pred` must be a Tensor, or a Python bool, or 1 or 0. Received: {type(training)}"
+        msg = (
+            "`pred` must be a Tensor, or a Python bool, or 1 or 0. Received: "
+            f"training={_short(training)} of {type(training)}; `training` must be True, False, None, 1 or 0."
+        )
         raise TypeError(msg)
     return bool(training)
+
+
+def _named(get: Callable[[Any], Any], name: str, value: Any) -> Any:
+    """``get(value)`` with the argument's name and the received value in any error (same class)."""
+    try:
+        return get(value)
+    except (TypeError, ValueError, AttributeError) as err:
+        msg = f"Invalid `{name}`: {err} Received: {name}={_short(value)}."
+        raise type(err)(msg) from err
+
+
+def _call_user(fn: Any, name: str, *args: Any) -> Any:
+    """Call a user-supplied ``fn`` (a regularizer, constraint, adjustment); its exception keeps its
+    class and gains the argument's name where the class allows."""
+    try:
+        return fn(*args)
+    except Exception as err:
+        if name in str(err):
+            raise
+        try:
+            new = type(err)(f"{name}={_short(fn)} raised {type(err).__name__}: {err}")
+        except Exception:  # noqa: BLE001 - a class that takes other arguments: keep the original
+            raise err from None
+        raise new from err
+
+
+def _converted_mask(mask: Any, inputs: Any) -> Any:
+    """A list or scalar mask as an array of the input's library (TF converts it with ``convert_to_tensor``)."""
+    xp = array_namespace(inputs)
+    import numpy as np  # what TF's conversion rules are: NumPy's
+
+    try:
+        host = np.asarray(mask)
+    except (TypeError, ValueError) as err:
+        msg = f"Failed to convert the mask to an array: received mask={_short(mask)} ({err})."
+        raise ValueError(msg) from err
+    if host.dtype.kind in ("O", "U", "S", "V"):
+        msg = (
+            f"Failed to convert the mask to a tensor: received mask={_short(mask)} (NumPy dtype {host.dtype}); "
+            "a boolean or numeric mask is allowed."
+        )
+        raise ValueError(msg)
+    return xp.asarray(mask, device=array_device(inputs))
+
+
+def _checked_clipping(clipping: Any) -> Any:
+    """``renorm_clipping`` as TF reads it in renorm training: ``.get`` of rmax/rmin/dmax, numbers or None."""
+    if not hasattr(clipping, "get"):
+        msg = (
+            f"'{type(clipping).__name__}' object has no attribute 'get': received renorm_clipping={clipping!r}; "
+            "a dict with keys 'rmax', 'rmin', 'dmax' is allowed."
+        )
+        raise AttributeError(msg)
+    for key in ("rmax", "rmin", "dmax"):
+        v = clipping.get(key)
+        if v is not None and not _is_real(v):
+            msg = f"renorm_clipping[{key!r}]={v!r} is not a number; received renorm_clipping={clipping!r}."
+            raise TypeError(msg)
+    return clipping
+
+
+def _equal(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b) and type(a) is not bool and type(b) is not bool
+    except Exception:  # noqa: BLE001 - an array or an odd object: not equal
+        return False
+
+
+def _truthy(v: Any) -> bool:
+    try:
+        return bool(v)
+    except Exception:  # noqa: BLE001
+        return True
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    s = repr(value)
+    return s if len(s) <= limit else s[: limit - 3] + "..."
 
 
 def _to_namespace(w: Any, xp: ModuleType, dtype: Any, device: Any) -> Array:

@@ -120,7 +120,9 @@ def describe(v: Any) -> list[str]:
             out += [repr(v), str(v)]
         return out
     if isinstance(v, dict) and v:
-        return [repr(v), str(v)] + [repr(x) for x in v.values() if not isinstance(x, (dict, list))][-1:]
+        return [repr(v), str(v)] + [s for x in v.values() for s in describe(x)]
+    if isinstance(v, (list, tuple)) and len(repr(v)) > 60:
+        return [repr(v)[:40]]
     if isinstance(v, float) and math.isfinite(v) and v != int(v) and abs(v) < 1e6:
         return [repr(v), str(v), f"{v:g}"]
     if isinstance(v, type):
@@ -418,6 +420,7 @@ def run(lib: Lib, case: dict[str, Any]) -> dict[str, Any]:
         snapshot()
         res["outs"].append(lib.out(layer(xin, training=training, mask=mask)))
         snapshot()
+        step = "call2"
         res["outs"].append(lib.out(layer(x, training=False)))
         step = "losses"
         res["outs"].extend(np.asarray(v) for v in lib.losses(layer))
@@ -468,6 +471,14 @@ def documented(case: dict[str, Any], tf: dict[str, Any], ab: dict[str, Any]) -> 
         return "TF dtype defect inside the layer (§9, §13)"
     if arg == "virtual_batch_size" and isinstance(value, float):
         return "virtual_batch_size float (§13)"
+    if arg in ("epsilon", "momentum", "renorm_momentum") and ab["cls"] and not tf["cls"] and (
+        isinstance(value, (list, tuple, complex, np.ndarray))
+    ):
+        return "a list, array or complex number as momentum/epsilon (§13)"
+    if arg == "dtype" and ab["cls"] and not tf["cls"] and (
+        "complex" in str(value) or "bfloat16" in str(value)
+    ):
+        return "complex dtype policy; bfloat16 on NumPy (§13)"
     if ab["cls"] is None and tf["cls"] == "ValueError" and "UnimplementedError" in str(tf.get("raw", "")):
         return "rank-6 broadcast (§13)"
     return None
@@ -491,8 +502,10 @@ def names_argument(case: dict[str, Any], msg: str) -> bool:
     return arg.lower() in low
 
 
-def shows_value(case: dict[str, Any], msg: str) -> bool:
+def shows_value(case: dict[str, Any], msg: str, stage: str | None = None) -> bool:
     v = case.get("value")
+    if stage == "call2" and case["kind"] in ("input", "build"):
+        return "shape" in msg  # the valid input of the second call: the message shows its shape
     if case["kind"] in ("adjustment", "set_weights", "from_config") and case.get("tag") is not None:
         return True  # the value is a function or a list: the message shows what was wrong inside it instead
     if case["kind"] == "from_config" and case["arg"] in ("__drop__", "__unknown__"):
@@ -501,6 +514,11 @@ def shows_value(case: dict[str, Any], msg: str) -> bool:
 
 
 def _random_init(case: dict[str, Any]) -> bool:
+    """Random initial weights (a random initializer, or None: Keras's glorot_uniform default)."""
+    if any(k.endswith("_initializer") and v is None for k, v in case["kwargs"].items()):
+        return True
+    if case["kind"] == "from_config" and case["arg"].endswith("_initializer") and case["value"] is None:
+        return True
     return any(isinstance(v, str) and v.lower().replace("_", "") in ("randomnormal", "glorotuniform")
                for v in (*case["kwargs"].values(), case.get("value") if case["kind"] == "from_config" else None))
 
@@ -545,8 +563,8 @@ def measure(cases: list[dict[str, Any]], results: list[tuple[dict[str, Any], dic
                 if ab["changed"]:
                     rows["weights_changed"].append((case, tf, ab))
             m["names_arg"] += names_argument(case, ab["msg"])
-            m["shows_value"] += shows_value(case, ab["msg"])
-            if not names_argument(case, ab["msg"]) or not shows_value(case, ab["msg"]):
+            m["shows_value"] += shows_value(case, ab["msg"], ab["stage"])
+            if not names_argument(case, ab["msg"]) or not shows_value(case, ab["msg"], ab["stage"]):
                 rows["message"].append((case, tf, ab))
     return {"counts": dict(m), "rows": rows}
 
