@@ -569,7 +569,7 @@ def test_strict_input_on_another_device_raises_value_error(training, strict_xp) 
     _assert_untouched(layer, snap)
 
 
-@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("training", [True])  # inference does not read the mask (TF)
 def test_strict_mask_on_another_device_raises_value_error(training, strict_xp) -> None:  # type: ignore[no-untyped-def]
     xp = strict_xp
     dev1 = xp.Device("device1")
