@@ -24,6 +24,7 @@ from ._namespace import (
     dtype_from_name,
     float_errors_ignored,
     is_array,
+    is_dask_namespace,
     is_jax_namespace,
     is_traced,
     numpy_namespace,
@@ -205,7 +206,28 @@ class BatchNormalization:
         self._input_axes: dict[int, int] = {}
         self.input_spec: InputSpec | None = None  # Keras's: set by build
         self._vars: dict[str, Array] = {}
+        self._good: dict[str, Array] = {}  # the last state known to exist (a lazy state may fail)
         self._activity_losses: list[Array] = []
+
+    # ------------------------------------------------------------- copy, pickle
+    def __getstate__(self) -> dict[str, Any]:
+        """The layer's attributes with its namespace by name (a module cannot be pickled); the device
+        is read back from the weights on load."""
+        state = dict(self.__dict__)
+        xp = state.pop("_xp")
+        state["_xp_name"] = None if xp is None else xp.__name__
+        state["_device"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        import importlib
+
+        state = dict(state)
+        name = state.pop("_xp_name", None)
+        state["_xp"] = None if name is None else compat_namespace(importlib.import_module(name))
+        self.__dict__.update(state)
+        if self._vars:
+            self._device = array_device(next(iter(self._vars.values())))
 
     # ------------------------------------------------------------------ dtypes
     @property
@@ -298,7 +320,7 @@ class BatchNormalization:
         # is the one the weights landed on: a requested torch.device("cuda") is "cuda:0" there.
         device = array_device(new_vars["moving_mean"])
         self._xp, self._device, self._config = xp, device, config
-        self._vars = new_vars
+        self._vars = self._good = new_vars
         self.fused, self._fusable = fused_value, fused
         self.axis = [a + 1 for a in axes] if self.virtual_batch_size is not None else axes
         self._input_ndim = rank
@@ -427,7 +449,10 @@ class BatchNormalization:
                 "transformations."
             )
             raise RuntimeError(msg)
-        self._vars = {**v, **{k: stored(a) for k, a in changed.items()}}
+        new_vars = {**v, **{k: stored(a) for k, a in changed.items()}}
+        self._vars = new_vars  # one assignment: a reader sees the old state or the new, never a mix
+        if not is_dask_namespace(xp):
+            self._good = new_vars  # computed already (dask's waits for get_weights, see there)
         self._config = config  # the numbers read by this call (a later backward uses them)
         self._activity_losses = activity_losses
         return y
@@ -610,8 +635,26 @@ class BatchNormalization:
         return sum(math.prod(w.shape) for w in self._vars.values())
 
     def get_weights(self) -> list[Any]:
-        """NumPy copies of `weights` (host copies for device arrays), in TF's order."""
-        return [to_numpy(w) for w in self._vars.values()]
+        """NumPy copies of `weights` (host copies for device arrays), in TF's order.
+
+        On a lazy library (dask) this computes the weights. If that computation fails (a chunk of
+        an input raised, a worker died), the error propagates and the layer returns to the last
+        state that did exist (built, set, or computed by an earlier ``get_weights``): the calls
+        since then are dropped and the layer stays usable. A successful computation becomes that
+        state, and the weights become concrete arrays (which also ends the growth of the graph).
+        """
+        current = self._vars
+        try:
+            out = [to_numpy(w) for w in current.values()]
+        except Exception:
+            if self._vars is current and current is not self._good:
+                self._vars = self._good
+            raise
+        if self._xp is not None and is_dask_namespace(self._xp) and current is not self._good:
+            good = {k: self._xp.asarray(a) for k, a in zip(current, out, strict=True)}
+            if self._vars is current:  # no call replaced the state meanwhile
+                self._vars = self._good = good
+        return out
 
     def set_weights(self, weights: Sequence[Any]) -> None:
         """Replace the weights (TF's order and shapes); all or nothing."""
@@ -625,7 +668,7 @@ class BatchNormalization:
             raise ValueError(msg)
         assert self._xp is not None and self._config is not None
         param_dtype = dtype_from_name(self._xp, self._config.param_dtype)
-        self._vars = self._converted_weights(weights, self._vars, self._xp, param_dtype, self._device)
+        self._vars = self._good = self._converted_weights(weights, self._vars, self._xp, param_dtype, self._device)
 
     def _converted_weights(
         self, weights: Sequence[Any], current: dict[str, Array], xp: ModuleType, dtype: Any, device: Any
@@ -689,6 +732,8 @@ class BatchNormalization:
         if "beta" in new and self.beta_constraint is not None:
             new["beta"] = _call_user(self.beta_constraint, "beta_constraint", new["beta"])
         self._vars = new
+        if self._xp is not None and not is_dask_namespace(self._xp):
+            self._good = new
 
     # ------------------------------------------------------------------ config
     def get_config(self) -> dict[str, Any]:
