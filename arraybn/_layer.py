@@ -540,7 +540,11 @@ class BatchNormalization:
         if all(getattr(config, k) is v for k, v in numbers.items()):
             return config  # the usual call: nothing set since build (no dataclass to rebuild)
         current = dataclasses.replace(config, **numbers)
-        return config if current == config else current
+        try:
+            same = bool(current == config)
+        except (TypeError, ValueError):  # an array set as a number: compared later, by its check
+            same = False
+        return config if same else current
 
     def forward(self, inputs: Array, training: Any = True, mask: Array | None = None) -> tuple[Array, Any]:
         """``(y, ctx)``: the same call as ``layer(inputs, training, mask)`` (same output, same
