@@ -304,7 +304,7 @@ class BatchNormalization:
             fused=fused,
             fused_avg_updates=isinstance(self.momentum, (float, int)),
             renorm=bool(self.renorm),
-            renorm_clipping=getattr(self, "renorm_clipping", {}) or {},
+            renorm_clipping=_build_clipping(getattr(self, "renorm_clipping", {})),
             renorm_momentum=getattr(self, "renorm_momentum", 0.99),
             virtual_batch_size=self.virtual_batch_size,
             compute_dtype=self._policy.compute_dtype,
@@ -362,10 +362,11 @@ class BatchNormalization:
         mask_given = mask is not None
         if mask is not None and not _training_value(training):
             mask = None  # TF reads the mask in training only (the fused path still warns)
-        if mask is not None and not is_array(mask):  # a list or a scalar, as TF converts it
-            mask = _converted_mask(mask, inputs)
-        if mask is not None:
-            check_array_dtype(mask, "mask")
+        deferred_mask = None  # a list, scalar or object/string array: converted once the path is known
+        if mask is not None and (
+            not is_array(mask) or getattr(getattr(mask, "dtype", None), "kind", None) in ("O", "U", "S", "V")
+        ):
+            deferred_mask, mask = mask, None
         xp = array_namespace(inputs) if mask is None else array_namespace(inputs, mask)
         if mask is not None and not is_traced(inputs) and array_device(mask) != array_device(inputs):
             msg = (
@@ -410,7 +411,9 @@ class BatchNormalization:
                 UserWarning,
                 stacklevel=2,
             )
-            mask = None
+            mask = deferred_mask = None
+        if deferred_mask is not None:  # the non-fused path reads it: TF converts it with convert_to_tensor
+            mask = _converted_mask(deferred_mask, inputs)
         v = self._vars
         params = BNParams(v.get("gamma"), v.get("beta"))
         state = BNState(
@@ -475,11 +478,13 @@ class BatchNormalization:
         )
         return []
 
-    def _check_changed_after_build(self, config: BNConfig) -> None:
+    def _check_changed_after_build(self, config: BNConfig, training: bool = True) -> None:
         """``axis``, ``virtual_batch_size``, ``center`` and ``scale`` set after build: TF reads them on
         every call against weights built for the old values, and fails (its exception classes)."""
         axis = self.axis
         same = isinstance(axis, (list, tuple)) and all(isinstance(a, int) for a in axis) and set(axis) == set(self._built_axis)
+        if same and len(axis) != len(self._built_axis) and training:
+            same = False  # a repeated axis: TF's inference runs, its training update fails
         if not config.fused and not same:
             if isinstance(axis, dict):
                 cls: type[Exception] = KeyError
@@ -526,7 +531,7 @@ class BatchNormalization:
                 f"built for the non-fused path, so `fused` cannot be turned on after build (received fused={self.fused!r})."
             )
             raise AttributeError(msg)
-        self._check_changed_after_build(config)
+        self._check_changed_after_build(config, training)
         numbers = {
             "momentum": self.momentum,
             "epsilon": self.epsilon,
@@ -823,16 +828,22 @@ def _check_call_numbers(
     ``None`` fails to convert to a tensor (ValueError) where elsewhere ``1.0 - None`` fails
     (TypeError). Booleans are numbers there (``True`` is 1).
     """
+    if fused and type(epsilon).__module__ == "numpy" and type(epsilon).__name__ in ("bool", "ndarray"):
+        msg = f"Expected float for argument 'epsilon' (the fused kernel's attribute); received epsilon={epsilon!r}."
+        raise TypeError(msg)
     if not _is_real(epsilon) and not (epsilon is None and fused):
         msg = f"epsilon must be a real number; received epsilon={epsilon!r}."
         # the fused kernel's float attribute: TypeError; elsewhere the conversion to a tensor: ValueError
         raise TypeError(msg) if fused else ValueError(msg)
-    if training and fused and type(momentum).__module__ == "numpy" and hasattr(momentum, "__index__"):
+    if training and fused and type(momentum).__module__ == "numpy" and (
+        hasattr(momentum, "__index__") or type(momentum).__name__ == "bool"
+    ):
         msg = f"Cannot convert 1.0 to a tensor of momentum's dtype: received momentum={momentum!r}; a float is allowed."
         raise TypeError(msg)  # the fused kernel's update converts 1.0 to the momentum's integer dtype
     if training and not _is_real(momentum):
         msg = f"momentum must be a real number; received momentum={momentum!r}."
-        raise ValueError(msg) if momentum is None and fused else TypeError(msg)
+        # the fused path converts it to a tensor (ValueError for None or a dict); elsewhere 1.0 - momentum
+        raise ValueError(msg) if fused and (momentum is None or isinstance(momentum, dict)) else TypeError(msg)
     if renorm_momentum is not None and not _is_real(renorm_momentum) or renorm_momentum is None and renorm_epsilon:
         msg = f"renorm_momentum must be a real number; received renorm_momentum={renorm_momentum!r}."
         raise TypeError(msg)
@@ -923,6 +934,11 @@ def _converted_mask(mask: Any, inputs: Any) -> Any:
         )
         raise ValueError(msg)
     return xp.asarray(mask, device=array_device(inputs))
+
+
+def _build_clipping(clipping: Any) -> dict[str, Any]:
+    """The clipping build keeps in the config: a dict (a non-dict fails where training reads it)."""
+    return dict(clipping) if isinstance(clipping, dict) else {}
 
 
 def _checked_clipping(clipping: Any) -> Any:

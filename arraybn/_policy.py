@@ -72,14 +72,25 @@ class Policy:
         }
 
 
+def _falsy(dtype: Any) -> bool:
+    try:
+        return not dtype
+    except (TypeError, ValueError) as err:  # an array: Keras tests ``if dtype``
+        msg = f"Cannot use dtype={dtype!r} as a dtype policy: its truth value is ambiguous ({err}); a dtype name is allowed."
+        raise ValueError(msg) from err
+
+
 def get_policy(dtype: Any) -> Policy:
     """A `Policy` from ``None`` (float32), a name, a Policy, its config dict, or a dtype object."""
-    if dtype is None or (isinstance(dtype, str) and not dtype):
-        return Policy("float32")  # Keras: a falsy dtype is the default policy
     if isinstance(dtype, Policy):
         return dtype
     if isinstance(dtype, dict):
-        name = (dtype.get("config") or {}).get("name")
+        name = (dtype.get("config") or {}).get("name") if isinstance(dtype.get("config"), dict) else None
+        if name is None:
+            msg = f"Unknown `config` as a `dict`: received dtype={dtype!r}; a dtype policy config is allowed."
+            raise ValueError(msg)
+    elif _falsy(dtype):
+        return Policy("float32")  # Keras: a falsy dtype (None, '', 0, False) is the default policy
     elif isinstance(dtype, str):
         name = dtype
     elif (hasattr(dtype, "__index__") or type(dtype).__name__ == "bool") and not isinstance(dtype, type):  # TF's DataType enum (True, np.int64(1) are 1)

@@ -55,7 +55,7 @@ def check_renorm_clipping(renorm_clipping: Any) -> dict[str, Any]:
             f"Supported values: {list(RENORM_CLIPPING_KEYS)}."
         )
         raise ValueError(msg)
-    return dict(clipping)
+    return dict(clipping) if isinstance(clipping, dict) else clipping  # TF keeps it; training reads .get
 
 
 def _undefined_rank(shape: Sequence[Any], inputs: Any = None) -> ValueError:

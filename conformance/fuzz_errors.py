@@ -235,6 +235,7 @@ def generate(n: int, seed: int) -> list[dict[str, Any]]:
             arg = rng.choice(INIT_ARGS)
             value = rng.choice(pool_for(arg)) if rng.random() < 0.85 else rng.choice(GENERIC)
             if arg == "unknown_kwarg":
+                value = rng.choice(POOLS["unknown_kwarg"])
                 case["kwargs"] = {**base, value: 1}
                 case.update(arg=value, value=1)
             else:
@@ -469,6 +470,9 @@ def documented(case: dict[str, Any], tf: dict[str, Any], ab: dict[str, Any]) -> 
         return None
     if tf["msg"] and re.search(r"expected to be a \w+ tensor but is a \w+ tensor|cannot compute \w+ as input", tf["msg"]):
         return "TF dtype defect inside the layer (§9, §13)"
+    if arg == "epsilon" and value is True or (type(value).__name__ == "bool" and arg == "epsilon" and bool(value)):
+        if kw.get("renorm") and tf["cls"] and not ab["cls"]:
+            return "epsilon=True under renorm: TF's tf.sqrt(epsilon) dtype defect (§13)"
     if arg == "virtual_batch_size" and isinstance(value, float):
         return "virtual_batch_size float (§13)"
     if arg in ("epsilon", "momentum", "renorm_momentum") and ab["cls"] and not tf["cls"] and (
