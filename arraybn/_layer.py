@@ -293,8 +293,12 @@ class BatchNormalization:
             compute_dtype=self._policy.compute_dtype,
         )
         pshape = param_shape(shape, axes, self.virtual_batch_size)
-        param_dtype = dtype_from_name(xp, self._policy.param_dtype)
-        dtype_from_name(xp, self._policy.compute_dtype)  # raises now if xp lacks it (bfloat16 on NumPy)
+        try:
+            param_dtype = dtype_from_name(xp, self._policy.param_dtype)
+            dtype_from_name(xp, self._policy.compute_dtype)  # raises now if xp lacks it (bfloat16 on NumPy)
+        except TypeError as err:
+            msg = f"{err} (layer {self.name!r} has dtype={self._policy.name!r})"
+            raise TypeError(msg) from err
         config = BNConfig(
             axis=tuple(axes),
             rank=rank,
@@ -333,20 +337,25 @@ class BatchNormalization:
     def _create_weights(
         self, pshape: tuple[int, ...], param_dtype: Any, xp: ModuleType, device: Any
     ) -> dict[str, Array]:
-        def make(init: Any) -> Array:
-            return _initialize(init, pshape, param_dtype, xp, device)
+        def make(name: str) -> Array:
+            init = getattr(self, name)
+            try:
+                return _initialize(init, pshape, param_dtype, xp, device)
+            except (TypeError, ValueError) as err:
+                msg = f"{name}={_short(init)} could not create a weight of shape {pshape}: {err}"
+                raise type(err)(msg) from err
 
         new_vars: dict[str, Array] = {}
         if self.scale:
-            new_vars["gamma"] = make(self.gamma_initializer)
+            new_vars["gamma"] = make("gamma_initializer")
         if self.center:
-            new_vars["beta"] = make(self.beta_initializer)
-        new_vars["moving_mean"] = make(self.moving_mean_initializer)
-        new_vars["moving_variance"] = make(self.moving_variance_initializer)
+            new_vars["beta"] = make("beta_initializer")
+        new_vars["moving_mean"] = make("moving_mean_initializer")
+        new_vars["moving_variance"] = make("moving_variance_initializer")
         if self.renorm:
-            new_vars["moving_stddev"] = xp.sqrt(make(self.moving_variance_initializer))
-            new_vars["renorm_mean"] = make(self.moving_mean_initializer)
-            new_vars["renorm_stddev"] = xp.sqrt(make(self.moving_variance_initializer))
+            new_vars["moving_stddev"] = xp.sqrt(make("moving_variance_initializer"))
+            new_vars["renorm_mean"] = make("moving_mean_initializer")
+            new_vars["renorm_stddev"] = xp.sqrt(make("moving_variance_initializer"))
         return new_vars
 
     # -------------------------------------------------------------------- call
@@ -571,6 +580,7 @@ class BatchNormalization:
             msg = (
                 f'Input 0 of layer "{self.name}" is incompatible with the layer: expected '
                 f"ndim={self._input_ndim}, found ndim={len(shape)}. Full shape received: {shape}"
+                + (f" (inputs={inputs!r})" if not shape else "")
             )
             raise ValueError(msg)
         for a, size in self._input_axes.items():

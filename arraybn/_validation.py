@@ -147,6 +147,9 @@ def fused_can_be_used(
     *, renorm: bool, axes: Sequence[int], virtual_batch_size: Any, adjustment: Any, compute_dtype: str
 ) -> bool:
     """``_fused_can_be_used`` with the axis already normalized (TF checks it after ``validate_axis``)."""
+    if not axes and not renorm:
+        msg = "list index out of range: received axis=[]; at least one axis to normalize is needed."
+        raise IndexError(msg)
     if renorm or len(axes) > 1 or axes[0] not in (-4, -3, -1, 1, 3, 4):
         return False
     if virtual_batch_size is not None or adjustment is not None:

@@ -508,7 +508,7 @@ def names_argument(case: dict[str, Any], msg: str) -> bool:
 
 def shows_value(case: dict[str, Any], msg: str, stage: str | None = None) -> bool:
     v = case.get("value")
-    if stage == "call2" and case["kind"] in ("input", "build"):
+    if stage in ("call", "call2") and case["kind"] == "build" or stage == "call2" and case["kind"] == "input":
         return "shape" in msg  # the valid input of the second call: the message shows its shape
     if case["kind"] in ("adjustment", "set_weights", "from_config") and case.get("tag") is not None:
         return True  # the value is a function or a list: the message shows what was wrong inside it instead
