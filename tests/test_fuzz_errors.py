@@ -157,3 +157,90 @@ def test_truthy_fused_on_a_2d_input_raises_as_tf(kwargs, exc, match) -> None:  #
     with pytest.raises(exc, match=match):
         layer(np.ones((4, 3), np.float32), training=True)
     assert not layer.built
+
+
+# ---------------------------------------------------------------------------
+# The examples, each checked against TF 2.21 by conformance/fuzz_errors.py
+# ---------------------------------------------------------------------------
+
+X4 = (np.arange(48, dtype=np.float32).reshape(2, 3, 4, 2) % 7) / 4
+
+
+@pytest.mark.parametrize("fused", [np.bool_(False), 0, ""], ids=["np.False_", "0", "empty"])
+def test_falsy_fused_takes_the_non_fused_path(fused) -> None:  # type: ignore[no-untyped-def]
+    layer = arraybn.BatchNormalization(fused=fused, momentum=0.0)
+    layer(X4, training=True)
+    # momentum 0: the moving variance is the batch's, biased (non-fused) -- the fused kernel's is n/(n-1) larger
+    biased = X4.reshape(-1, 2).var(axis=0)
+    np.testing.assert_allclose(layer.get_weights()[3], biased, rtol=1e-6)
+    assert layer.fused is fused  # TF keeps the value as given
+
+
+def test_build_shapes_as_tensorshape() -> None:
+    with pytest.raises(TypeError, match="3.5"):
+        arraybn.BatchNormalization().build((4, 3.5))
+    with pytest.raises(ValueError, match="undefined rank"):
+        arraybn.BatchNormalization().build(None)
+    with pytest.raises(ValueError, match="-1"):
+        arraybn.BatchNormalization().build((4, -1))
+    layer = arraybn.BatchNormalization()
+    layer.build(3)  # a rank-1 shape
+    assert layer.get_weights()[0].shape == (3,)
+
+
+def test_from_config_errors_are_type_errors() -> None:
+    config = arraybn.BatchNormalization().get_config()
+    config["gamma_initializer"] = "foo"
+    with pytest.raises(TypeError, match="Error when deserializing class 'BatchNormalization'.*gamma_initializer"):
+        arraybn.BatchNormalization.from_config(config)
+
+
+def test_list_and_object_inputs() -> None:
+    layer = arraybn.BatchNormalization()
+    with pytest.raises(TypeError, match="Python list"):  # first call: TF's TypeError
+        layer([[1.0, 2.0, 3.0]] * 2, training=True)
+    layer(np.ones((2, 3), np.float32), training=True)
+    with pytest.raises(ValueError, match="Python list"):  # built: TF's ValueError
+        layer([[1.0, 2.0, 3.0]] * 2, training=True)
+    with pytest.raises(ValueError, match="dtype object"):
+        layer(np.ones((2, 3), object), training=True)
+    with pytest.raises(ValueError, match="mask"):
+        arraybn.BatchNormalization(fused=False)(X4, training=True, mask=np.ones((2, 3, 4), object))
+
+
+def test_min_max_norm_with_max_below_min_clips_as_keras() -> None:
+    # Keras's backend.clip raises the maximum to the minimum: the norm along axis 0 (sqrt(3) for
+    # gamma = ones(3)) becomes 2
+    layer = arraybn.BatchNormalization(
+        gamma_constraint={"class_name": "MinMaxNorm", "config": {"min_value": 2.0, "max_value": 1.0}}
+    )
+    layer.build((4, 3))
+    layer.apply_constraints()
+    np.testing.assert_allclose(layer.get_weights()[0], np.full(3, 2.0 / (1e-7 + np.sqrt(3.0))), rtol=1e-6)
+
+
+def test_renorm_clipping_set_after_build() -> None:
+    layer = arraybn.BatchNormalization(renorm=True)
+    layer(np.ones((4, 3), np.float32), training=True)
+    layer.renorm_clipping = "foo"
+    layer(np.ones((4, 3), np.float32), training=False)  # inference does not read it (TF)
+    before = layer.get_weights()
+    with pytest.raises(AttributeError, match="renorm_clipping='foo'"):
+        layer(np.ones((4, 3), np.float32), training=True)
+    assert _same(layer.get_weights(), before)
+
+
+def test_momentum_beyond_float32_and_a_complex_policy() -> None:
+    with pytest.raises(ValueError, match="momentum=1e\\+308"):
+        arraybn.BatchNormalization(momentum=1e308)(np.ones((4, 3), np.float32), training=True)
+    arraybn.BatchNormalization(momentum=float("inf"))(np.ones((4, 3), np.float32), training=True)  # TF: fine
+    layer = arraybn.BatchNormalization(dtype="complex64")  # accepted at construction
+    with pytest.raises(ValueError, match="complex64"):
+        layer.build((4, 3))
+
+
+def test_adjustment_of_the_wrong_shape_raises() -> None:
+    layer = arraybn.BatchNormalization(adjustment=lambda shape: (np.ones(3, np.float32), np.zeros(3, np.float32)))
+    with pytest.raises(ValueError, match="adjustment"):
+        layer(np.ones((6, 3, 1), np.float32), training=True)
+    layer(np.ones((6, 3, 1), np.float32), training=False)  # inference does not call it (TF)
