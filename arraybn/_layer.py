@@ -24,6 +24,7 @@ from ._namespace import (
     dtype_from_name,
     float_errors_ignored,
     is_array,
+    is_dask_namespace,
     is_jax_namespace,
     is_traced,
     numpy_namespace,
@@ -33,8 +34,14 @@ from ._namespace import (
     to_numpy,
 )
 from ._policy import Policy, get_policy
+from ._reference import ghost_batch_shape
 from ._validation import (
+    build_shape,
+    check_adjustment_result,
+    check_array_dtype,
     check_axis_argument,
+    check_ghost_batches,
+    check_input_object,
     check_rank_defined,
     check_renorm_clipping,
     check_virtual_batch,
@@ -152,7 +159,10 @@ class BatchNormalization:
         kwargs.pop("synchronized", None)  # the v1 layer drops it
         for key in kwargs:
             if key not in _BASE_KWARGS:
-                msg = f"Keyword argument not understood: {key}"
+                msg = (
+                    f"Keyword argument not understood: {key} (received {key}={kwargs[key]!r}). Allowed: the "
+                    f"BatchNormalization arguments and {sorted(_BASE_KWARGS)}."
+                )
                 raise TypeError(msg)
         self.axis: int | list[int] = check_axis_argument(axis)
         self._policy: Policy = get_policy(kwargs.get("dtype"))
@@ -160,14 +170,16 @@ class BatchNormalization:
         self.epsilon = epsilon
         self.center = center
         self.scale = scale
-        self.beta_initializer = _initializers.get(beta_initializer)
-        self.gamma_initializer = _initializers.get(gamma_initializer)
-        self.moving_mean_initializer = _initializers.get(moving_mean_initializer)
-        self.moving_variance_initializer = _initializers.get(moving_variance_initializer)
-        self.beta_regularizer = _regularizers.get(beta_regularizer)
-        self.gamma_regularizer = _regularizers.get(gamma_regularizer)
-        self.beta_constraint = _constraints.get(beta_constraint)
-        self.gamma_constraint = _constraints.get(gamma_constraint)
+        self.beta_initializer = _named(_initializers.get, "beta_initializer", beta_initializer)
+        self.gamma_initializer = _named(_initializers.get, "gamma_initializer", gamma_initializer)
+        self.moving_mean_initializer = _named(_initializers.get, "moving_mean_initializer", moving_mean_initializer)
+        self.moving_variance_initializer = _named(
+            _initializers.get, "moving_variance_initializer", moving_variance_initializer
+        )
+        self.beta_regularizer = _named(_regularizers.get, "beta_regularizer", beta_regularizer)
+        self.gamma_regularizer = _named(_regularizers.get, "gamma_regularizer", gamma_regularizer)
+        self.beta_constraint = _named(_constraints.get, "beta_constraint", beta_constraint)
+        self.gamma_constraint = _named(_constraints.get, "gamma_constraint", gamma_constraint)
         self.renorm = renorm
         self.virtual_batch_size = virtual_batch_size
         self.adjustment = adjustment
@@ -183,8 +195,11 @@ class BatchNormalization:
         self.supports_masking = True
         self._batch_input_shape = _batch_input_shape(kwargs)
         self._initial_weights = kwargs.get("weights")
-        self.activity_regularizer = _regularizers.get(kwargs.get("activity_regularizer"))
+        self.activity_regularizer = _named(
+            _regularizers.get, "activity_regularizer", kwargs.get("activity_regularizer")
+        )
         self._built = False
+        self._built_axis: list[int] = []
         self._fusable = False  # build's resolution of `fused`: whether the fused path can be taken
         self._xp: ModuleType | None = None
         self._device: Any = None
@@ -194,7 +209,28 @@ class BatchNormalization:
         self._input_axes: dict[int, int] = {}
         self.input_spec: InputSpec | None = None  # Keras's: set by build
         self._vars: dict[str, Array] = {}
+        self._good: dict[str, Array] = {}  # the last state known to exist (a lazy state may fail)
         self._activity_losses: list[Array] = []
+
+    # ------------------------------------------------------------- copy, pickle
+    def __getstate__(self) -> dict[str, Any]:
+        """The layer's attributes with its namespace by name (a module cannot be pickled); the device
+        is read back from the weights on load."""
+        state = dict(self.__dict__)
+        xp = state.pop("_xp")
+        state["_xp_name"] = None if xp is None else xp.__name__
+        state["_device"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        import importlib
+
+        state = dict(state)
+        name = state.pop("_xp_name", None)
+        state["_xp"] = None if name is None else compat_namespace(importlib.import_module(name))
+        self.__dict__.update(state)
+        if self._vars:
+            self._device = array_device(next(iter(self._vars.values())))
 
     # ------------------------------------------------------------------ dtypes
     @property
@@ -242,7 +278,7 @@ class BatchNormalization:
                 f"dtype={self._policy.name!r}. Use 'float32', 'float64', 'mixed_float16', ..."
             )
             raise ValueError(msg)
-        shape = tuple(None if unknown_size(s) else int(s) for s in input_shape)  # None: unknown
+        shape = build_shape(input_shape)  # None: unknown
         axes = validate_axis(self.axis, shape)
         undefined = [a for a in axes if shape[a] is None]
         if undefined:
@@ -250,7 +286,7 @@ class BatchNormalization:
             raise ValueError(msg)
         rank = len(shape)
         check_virtual_batch(self.virtual_batch_size, axes, self.adjustment)
-        fused = resolve_fused(
+        fused, fused_value = resolve_fused(
             self.fused,
             rank=rank,
             axes=axes,
@@ -260,8 +296,12 @@ class BatchNormalization:
             compute_dtype=self._policy.compute_dtype,
         )
         pshape = param_shape(shape, axes, self.virtual_batch_size)
-        param_dtype = dtype_from_name(xp, self._policy.param_dtype)
-        dtype_from_name(xp, self._policy.compute_dtype)  # raises now if xp lacks it (bfloat16 on NumPy)
+        try:
+            param_dtype = dtype_from_name(xp, self._policy.param_dtype)
+            dtype_from_name(xp, self._policy.compute_dtype)  # raises now if xp lacks it (bfloat16 on NumPy)
+        except TypeError as err:
+            msg = f"{err} (layer {self.name!r} has dtype={self._policy.name!r})"
+            raise TypeError(msg) from err
         config = BNConfig(
             axis=tuple(axes),
             rank=rank,
@@ -271,7 +311,7 @@ class BatchNormalization:
             fused=fused,
             fused_avg_updates=isinstance(self.momentum, (float, int)),
             renorm=bool(self.renorm),
-            renorm_clipping=getattr(self, "renorm_clipping", {}) or {},
+            renorm_clipping=_build_clipping(getattr(self, "renorm_clipping", {})),
             renorm_momentum=getattr(self, "renorm_momentum", 0.99),
             virtual_batch_size=self.virtual_batch_size,
             compute_dtype=self._policy.compute_dtype,
@@ -288,40 +328,58 @@ class BatchNormalization:
         device = array_device(new_vars["moving_mean"])
         self._xp, self._device, self._config = xp, device, config
         self._config_vbs = self.virtual_batch_size
-        self._vars = new_vars
-        self.fused = self._fusable = fused
+        self._vars = self._good = new_vars
+        self.fused, self._fusable = fused_value, fused
         self.axis = [a + 1 for a in axes] if self.virtual_batch_size is not None else axes
         self._input_ndim = rank
         self._input_axes = {a: shape[a] for a in axes}
         self.input_spec = InputSpec(ndim=rank, axes=dict(self._input_axes))
+        self._built_axis = list(self.axis)
         self._initial_weights = None  # Keras sets the constructor's `weights` once, at the first build
         self._built = True
 
     def _create_weights(
         self, pshape: tuple[int, ...], param_dtype: Any, xp: ModuleType, device: Any
     ) -> dict[str, Array]:
-        def make(init: Any) -> Array:
-            return _initialize(init, pshape, param_dtype, xp, device)
+        def make(name: str) -> Array:
+            init = getattr(self, name)
+            try:
+                return _initialize(init, pshape, param_dtype, xp, device)
+            except (TypeError, ValueError) as err:
+                msg = f"{name}={_short(init)} could not create a weight of shape {pshape}: {err}"
+                raise type(err)(msg) from err
 
         new_vars: dict[str, Array] = {}
         if self.scale:
-            new_vars["gamma"] = make(self.gamma_initializer)
+            new_vars["gamma"] = make("gamma_initializer")
         if self.center:
-            new_vars["beta"] = make(self.beta_initializer)
-        new_vars["moving_mean"] = make(self.moving_mean_initializer)
-        new_vars["moving_variance"] = make(self.moving_variance_initializer)
+            new_vars["beta"] = make("beta_initializer")
+        new_vars["moving_mean"] = make("moving_mean_initializer")
+        new_vars["moving_variance"] = make("moving_variance_initializer")
         if self.renorm:
-            new_vars["moving_stddev"] = xp.sqrt(make(self.moving_variance_initializer))
-            new_vars["renorm_mean"] = make(self.moving_mean_initializer)
-            new_vars["renorm_stddev"] = xp.sqrt(make(self.moving_variance_initializer))
+            new_vars["moving_stddev"] = xp.sqrt(make("moving_variance_initializer"))
+            new_vars["renorm_mean"] = make("moving_mean_initializer")
+            new_vars["renorm_stddev"] = xp.sqrt(make("moving_variance_initializer"))
         return new_vars
 
     # -------------------------------------------------------------------- call
     def __call__(self, inputs: Array, training: Any = None, mask: Array | None = None) -> Array:
         """Normalize ``inputs``; ``training=None`` means inference (the v1 learning phase 0)."""
         check_rank_defined(inputs)
-        if mask is not None and not is_array(mask):  # a list or a scalar, as TF converts it
-            mask = array_namespace(inputs).asarray(mask, device=array_device(inputs))
+        if not is_array(inputs):
+            check_input_object(inputs, built=self._built)
+        check_array_dtype(inputs, "inputs")
+        if not self._built and is_array(inputs) and inputs.ndim == 0:
+            msg = f"Input has undefined rank. Received: input_shape=() (inputs={inputs!r}); inputs of rank 1 or more are allowed."
+            raise ValueError(msg)
+        mask_given = mask is not None
+        if mask is not None and not _training_value(training):
+            mask = None  # TF reads the mask in training only (the fused path still warns)
+        deferred_mask = None  # a list, scalar or object/string array: converted once the path is known
+        if mask is not None and (
+            not is_array(mask) or getattr(getattr(mask, "dtype", None), "kind", None) in ("O", "U", "S", "V")
+        ):
+            deferred_mask, mask = mask, None
         xp = array_namespace(inputs) if mask is None else array_namespace(inputs, mask)
         if mask is not None and not is_traced(inputs) and array_device(mask) != array_device(inputs):
             msg = (
@@ -330,7 +388,7 @@ class BatchNormalization:
             )
             raise ValueError(msg)
         if not self._built:
-            self.build(tuple(inputs.shape), xp=xp, device=array_device(inputs))
+            self.build(tuple(None if unknown_size(s) else s for s in inputs.shape), xp=xp, device=array_device(inputs))
         else:
             self._check_input(inputs, xp)
         assert self._config is not None
@@ -338,11 +396,31 @@ class BatchNormalization:
         if not self._config.axis:
             msg = "list index out of range (axis=[]: no axis to normalize; TensorFlow raises IndexError here)"
             raise IndexError(msg)
-        config = self._current_config(self._config)
+        config = self._current_config(self._config, training)
         # momentum is read by the updates: a frozen non-fused layer makes none (the fused path converts it anyway)
         reads_momentum = training and (bool(self.trainable) or config.fused)
-        _check_call_numbers(self.momentum, self.epsilon, training=reads_momentum, fused=config.fused)
-        if config.fused and mask is not None:
+        _check_call_numbers(
+            self.momentum,
+            self.epsilon,
+            training=reads_momentum,
+            fused=config.fused,
+            renorm_momentum=getattr(self, "renorm_momentum", None) if training and config.renorm else None,
+            renorm_epsilon=training and config.renorm and not config.fused,
+        )
+        adjustment = self.adjustment
+        if training and not config.fused and _truthy(adjustment):  # TF calls it in non-fused training only
+            if not callable(adjustment):
+                msg = f"`adjustment` must be a callable (shape) -> (scale, bias); received adjustment={adjustment!r}."
+                raise TypeError(msg)
+            shape = tuple(inputs.shape)
+            if config.virtual_batch_size is not None:  # TF calls it with the ghost-batch view's shape
+                check_ghost_batches(config.virtual_batch_size, shape, training)
+                shape = ghost_batch_shape(shape, config.virtual_batch_size, training)
+            pair = check_adjustment_result(_call_user(adjustment, "adjustment", shape), shape)
+            adjustment = lambda shape: pair  # noqa: E731 - computed once, checked
+        else:
+            adjustment = None  # inference and the fused kernel do not call it
+        if config.fused and mask_given:
             warnings.warn(
                 "Masking is not supported with `fused=True`. You should either turn off fusing "
                 "(`fused=False`) or you should not pass a `mask` argument when calling the layer. "
@@ -350,7 +428,9 @@ class BatchNormalization:
                 UserWarning,
                 stacklevel=2,
             )
-            mask = None
+            mask = deferred_mask = None
+        if deferred_mask is not None:  # the non-fused path reads it: TF converts it with convert_to_tensor
+            mask = _converted_mask(deferred_mask, inputs)
         v = self._vars
         params = BNParams(v.get("gamma"), v.get("beta"))
         state = BNState(
@@ -364,16 +444,16 @@ class BatchNormalization:
                 training=training,
                 config=config,
                 mask=mask,
-                adjustment=self.adjustment,
+                adjustment=adjustment,
                 trainable=bool(self.trainable),
                 xp=xp,
             )
         changed = {k: a for k, a in new_state._asdict().items() if a is not None and a is not v.get(k)}
         activity_losses = []
-        if self.activity_regularizer is not None:
+        if self.activity_regularizer is not None and _truthy(self.activity_regularizer):
             # Keras: the penalty of the output divided by the batch size
             require_known_sizes(y.shape[:1], "The activity regularizer's mean over the batch")
-            loss = self.activity_regularizer(y)
+            loss = _call_user(self.activity_regularizer, "activity_regularizer", y)
             loss = loss / y.shape[0]
             if is_jax_namespace(xp):  # a kept JAX value carries no gradient; under jax.grad this is the value
                 loss = stop_gradient(loss)
@@ -389,7 +469,10 @@ class BatchNormalization:
                 "transformations."
             )
             raise RuntimeError(msg)
-        self._vars = {**v, **{k: stored(a) for k, a in changed.items()}}
+        new_vars = {**v, **{k: stored(a) for k, a in changed.items()}}
+        self._vars = new_vars  # one assignment: a reader sees the old state or the new, never a mix
+        if not is_dask_namespace(xp):
+            self._good = new_vars  # computed already (dask's waits for get_weights, see there)
         self._config = config  # the numbers read by this call (a later backward uses them)
         self._activity_losses = activity_losses
         return y
@@ -412,35 +495,63 @@ class BatchNormalization:
         )
         return []
 
-    def _current_config(self, config: BNConfig) -> BNConfig:
+    def _check_changed_after_build(self, config: BNConfig, training: bool = True) -> None:
+        """``axis``, ``virtual_batch_size``, ``center`` and ``scale`` set after build: TF reads them on
+        every call against weights built for the old values, and fails (its exception classes)."""
+        axis = self.axis
+        same = isinstance(axis, (list, tuple)) and all(isinstance(a, int) for a in axis) and set(axis) == set(self._built_axis)
+        if same and len(axis) != len(self._built_axis) and training:
+            same = False  # a repeated axis: TF's inference runs, its training update fails
+        if not config.fused and not same:
+            if isinstance(axis, dict):
+                cls: type[Exception] = KeyError
+            elif not isinstance(axis, (list, tuple)) or not all(isinstance(a, int) for a in axis):
+                cls = TypeError
+            elif not axis:
+                cls = IndexError
+            else:
+                cls = ValueError
+            msg = (
+                f"layer {self.name!r} was built with axis={self._built_axis} and cannot normalize another axis; "
+                f"received axis={axis!r} set after build. Build the layer anew (layer.build(shape)) instead."
+            )
+            raise cls(msg)
+        for flag, weight in (("center", "beta"), ("scale", "gamma")):
+            value = getattr(self, flag)
+            if config.fused and weight not in self._vars and _truthy(value):
+                msg = (
+                    f"layer {self.name!r} was built without {weight!r} ({flag}=False) and its fused path cannot "
+                    f"use {flag}={value!r} set after build: there is no {weight} to apply. Build the layer anew."
+                )
+                raise ValueError(msg)
+
+    def _current_config(self, config: BNConfig, training: bool = True) -> BNConfig:
         """The build-time config with the numbers TF reads on every call (set after build, say)."""
-        if self.fused and not self._fusable:
+        try:
+            fused_on = bool(self.fused)
+        except (TypeError, ValueError) as err:
+            msg = f"`fused` must be True, False or None; received fused={self.fused!r} ({err})."
+            raise ValueError(msg) from err
+        if fused_on and not self._fusable:
             # TF reads self.fused on every call; its fused path then needs what build sets only for it
             msg = (
                 f"'BatchNormalization' object has no attribute '_data_format': layer {self.name!r} was "
-                "built for the non-fused path, so `fused` cannot be turned on after build."
+                f"built for the non-fused path, so `fused` cannot be turned on after build (received fused={self.fused!r})."
             )
             raise AttributeError(msg)
-        fused = self._fusable and bool(self.fused)  # turned off after build: the non-fused path
+        fused = self._fusable and fused_on  # turned off after build: the non-fused path
+        self._check_changed_after_build(config, training)
         numbers = {
             "momentum": self.momentum,
             "epsilon": self.epsilon,
             "fused_avg_updates": isinstance(self.momentum, (float, int)),
             "fused": fused,
             # the fused path replaces gamma/beta by 1/0 once scale/center is off (the non-fused one
-            # uses the weights whatever these say); turned on without the weight, TF's kernel gets None
+            # uses the weights whatever these say); turned on without the weight: _check_changed_after_build
             "center": bool(self.center),
             "scale": bool(self.scale),
         }
-        if fused:
-            for flag, weight in (("center", "beta"), ("scale", "gamma")):
-                if getattr(self, flag) and weight not in self._vars:
-                    msg = (
-                        f"Attempt to convert a value (None) with an unsupported type (<class 'NoneType'>) to a "
-                        f"Tensor: `{flag}` was turned on after layer {self.name!r} was built without `{weight}`."
-                    )
-                    raise ValueError(msg)
-        else:
+        if not fused:
             # the non-fused path reads renorm and its settings, and virtual_batch_size, on every call
             numbers.update(renorm=bool(self.renorm), virtual_batch_size=self.virtual_batch_size)
             if self.renorm:
@@ -450,7 +561,9 @@ class BatchNormalization:
                         f"after layer {self.name!r} was built without it)"
                     )
                     raise AttributeError(msg)
-                numbers.update(renorm_momentum=self.renorm_momentum, renorm_clipping=self.renorm_clipping)
+                numbers.update(renorm_momentum=self.renorm_momentum)
+                if training:  # TF reads the clipping in renorm training only
+                    numbers.update(renorm_clipping=_checked_clipping(self.renorm_clipping))
         built_vbs = self._config_vbs
         if self.virtual_batch_size is not None and built_vbs is None:
             # TF reshapes into ghost batches with the build-time axes: its reshape or kernel fails
@@ -468,7 +581,11 @@ class BatchNormalization:
         if all(getattr(config, k) is v for k, v in numbers.items()):
             return config  # the usual call: nothing set since build (no dataclass to rebuild)
         current = dataclasses.replace(config, **numbers)
-        return config if current == config else current
+        try:
+            same = bool(current == config)
+        except (TypeError, ValueError):  # an array set as a number: compared later, by its check
+            same = False
+        return config if same else current
 
     def forward(self, inputs: Array, training: Any = True, mask: Array | None = None) -> tuple[Array, Any]:
         """``(y, ctx)``: the same call as ``layer(inputs, training, mask)`` (same output, same
@@ -490,6 +607,7 @@ class BatchNormalization:
             msg = (
                 f'Input 0 of layer "{self.name}" is incompatible with the layer: expected '
                 f"ndim={self._input_ndim}, found ndim={len(shape)}. Full shape received: {shape}"
+                + (f" (inputs={inputs!r})" if not shape else "")
             )
             raise ValueError(msg)
         for a, size in self._input_axes.items():
@@ -563,8 +681,26 @@ class BatchNormalization:
         return sum(math.prod(w.shape) for w in self._vars.values())
 
     def get_weights(self) -> list[Any]:
-        """NumPy copies of `weights` (host copies for device arrays), in TF's order."""
-        return [to_numpy(w) for w in self._vars.values()]
+        """NumPy copies of `weights` (host copies for device arrays), in TF's order.
+
+        On a lazy library (dask) this computes the weights. If that computation fails (a chunk of
+        an input raised, a worker died), the error propagates and the layer returns to the last
+        state that did exist (built, set, or computed by an earlier ``get_weights``): the calls
+        since then are dropped and the layer stays usable. A successful computation becomes that
+        state, and the weights become concrete arrays (which also ends the growth of the graph).
+        """
+        current = self._vars
+        try:
+            out = [to_numpy(w) for w in current.values()]
+        except Exception:
+            if self._vars is current and current is not self._good:
+                self._vars = self._good
+            raise
+        if self._xp is not None and is_dask_namespace(self._xp) and current is not self._good:
+            good = {k: self._xp.asarray(a) for k, a in zip(current, out, strict=True)}
+            if self._vars is current:  # no call replaced the state meanwhile
+                self._vars = self._good = good
+        return out
 
     def set_weights(self, weights: Sequence[Any]) -> None:
         """Replace the weights (TF's order and shapes); all or nothing."""
@@ -578,7 +714,7 @@ class BatchNormalization:
             raise ValueError(msg)
         assert self._xp is not None and self._config is not None
         param_dtype = dtype_from_name(self._xp, self._config.param_dtype)
-        self._vars = self._converted_weights(weights, self._vars, self._xp, param_dtype, self._device)
+        self._vars = self._good = self._converted_weights(weights, self._vars, self._xp, param_dtype, self._device)
 
     def _converted_weights(
         self, weights: Sequence[Any], current: dict[str, Array], xp: ModuleType, dtype: Any, device: Any
@@ -600,7 +736,16 @@ class BatchNormalization:
                 )
                 raise ValueError(msg)
             # a copy of the values, outside autograd, as Keras assigns them to its variables
-            out[name] = stored(_to_namespace(stored(w) if is_array(w) else w, xp, dtype, device))
+            try:
+                if getattr(getattr(w, "dtype", None), "kind", None) in ("O", "U", "S"):
+                    w = w.astype(to_numpy(ref).dtype)  # TF converts an object array's numbers; strings fail
+                out[name] = stored(_to_namespace(stored(w) if is_array(w) else w, xp, dtype, device))
+            except (TypeError, ValueError) as err:
+                msg = (
+                    f"Layer {self.name}: could not set weight '{name}' from the provided value "
+                    f"{_short(w)} ({err}); an array-like of shape {tuple(ref.shape)} of real numbers is allowed."
+                )
+                raise type(err)(msg) from err
         return out
 
     def _weight(self, name: str) -> Array | None:
@@ -620,19 +765,21 @@ class BatchNormalization:
         """Penalties: the last call's activity regularization, then gamma's and beta's regularizers."""
         out = list(self._activity_losses)
         if "gamma" in self._vars and self.gamma_regularizer is not None:
-            out.append(self.gamma_regularizer(self._vars["gamma"]))
+            out.append(_call_user(self.gamma_regularizer, "gamma_regularizer", self._vars["gamma"]))
         if "beta" in self._vars and self.beta_regularizer is not None:
-            out.append(self.beta_regularizer(self._vars["beta"]))
+            out.append(_call_user(self.beta_regularizer, "beta_regularizer", self._vars["beta"]))
         return out
 
     def apply_constraints(self) -> None:
         """Project gamma and beta with their constraints, as Keras's optimizer does after an update."""
         new = dict(self._vars)
         if "gamma" in new and self.gamma_constraint is not None:
-            new["gamma"] = self.gamma_constraint(new["gamma"])
+            new["gamma"] = _call_user(self.gamma_constraint, "gamma_constraint", new["gamma"])
         if "beta" in new and self.beta_constraint is not None:
-            new["beta"] = self.beta_constraint(new["beta"])
+            new["beta"] = _call_user(self.beta_constraint, "beta_constraint", new["beta"])
         self._vars = new
+        if self._xp is not None and not is_dask_namespace(self._xp):
+            self._good = new
 
     # ------------------------------------------------------------------ config
     def get_config(self) -> dict[str, Any]:
@@ -673,7 +820,15 @@ class BatchNormalization:
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> BatchNormalization:
-        return cls(**config)
+        """A layer from `get_config`'s dict; any problem with it is a TypeError, as in Keras."""
+        try:
+            return cls(**config)
+        except Exception as err:
+            msg = (
+                f"Error when deserializing class 'BatchNormalization': {type(err).__name__}: {err}\n\n"
+                f"Received config={config!r}; a dict of the constructor's arguments (get_config()) is allowed."
+            )
+            raise TypeError(msg) from err
 
     def __repr__(self) -> str:
         state = "built" if self._built else "unbuilt"
@@ -691,7 +846,18 @@ def _batch_input_shape(kwargs: dict[str, Any]) -> tuple[Any, ...] | None:
     return None
 
 
-def _check_call_numbers(momentum: Any, epsilon: Any, *, training: bool, fused: bool) -> None:
+_F32_MAX = 3.4028234663852886e38
+
+
+def _check_call_numbers(
+    momentum: Any,
+    epsilon: Any,
+    *,
+    training: bool,
+    fused: bool,
+    renorm_momentum: Any = None,
+    renorm_epsilon: bool = False,
+) -> None:
     """TF accepts any momentum/epsilon at construction and fails where it first uses them.
 
     ``epsilon=None`` is the fused kernel's attribute default (1e-4, see `BNConfig`) on the fused
@@ -699,12 +865,38 @@ def _check_call_numbers(momentum: Any, epsilon: Any, *, training: bool, fused: b
     ``None`` fails to convert to a tensor (ValueError) where elsewhere ``1.0 - None`` fails
     (TypeError). Booleans are numbers there (``True`` is 1).
     """
+    if fused and type(epsilon).__module__ == "numpy" and type(epsilon).__name__ in ("bool", "ndarray"):
+        msg = f"Expected float for argument 'epsilon' (the fused kernel's attribute); received epsilon={epsilon!r}."
+        raise TypeError(msg)
     if not _is_real(epsilon) and not (epsilon is None and fused):
         msg = f"epsilon must be a real number; received epsilon={epsilon!r}."
-        raise ValueError(msg)
+        # the fused kernel's float attribute: TypeError; elsewhere the conversion to a tensor: ValueError
+        raise TypeError(msg) if fused else ValueError(msg)
+    if training and fused and type(momentum).__module__ == "numpy" and (
+        hasattr(momentum, "__index__") or type(momentum).__name__ == "bool"
+    ):
+        msg = f"Cannot convert 1.0 to a tensor of momentum's dtype: received momentum={momentum!r}; a float is allowed."
+        raise TypeError(msg)  # the fused kernel's update converts 1.0 to the momentum's integer dtype
     if training and not _is_real(momentum):
         msg = f"momentum must be a real number; received momentum={momentum!r}."
-        raise ValueError(msg) if momentum is None and fused else TypeError(msg)
+        # the fused path converts it to a tensor (ValueError for None or a dict); elsewhere 1.0 - momentum
+        raise ValueError(msg) if fused and (momentum is None or isinstance(momentum, dict)) else TypeError(msg)
+    if renorm_momentum is not None and not _is_real(renorm_momentum) or renorm_momentum is None and renorm_epsilon:
+        msg = f"renorm_momentum must be a real number; received renorm_momentum={renorm_momentum!r}."
+        raise TypeError(msg)
+    # TF converts these Python numbers to float32 tensors: a finite value beyond float32's range fails
+    too_large = [("momentum", momentum)] if training and not fused else []
+    if renorm_momentum is not None:
+        too_large.append(("renorm_momentum", renorm_momentum))
+    if renorm_epsilon:
+        too_large.append(("epsilon", epsilon))
+    for name, value in too_large:
+        if _is_real(value) and math.isfinite(float(value)) and abs(float(value)) > _F32_MAX:
+            msg = (
+                f"{name}={value!r} is out of float32's range (TensorFlow cannot convert it to a tensor); "
+                f"a real number of magnitude at most {_F32_MAX:.7g} is allowed."
+            )
+            raise ValueError(msg)
 
 
 def _is_real(value: Any) -> bool:
@@ -730,9 +922,88 @@ def _training_value(training: Any) -> bool:
     except TypeError:  # unhashable (an array)
         valid = False
     if not valid:
-        msg = f"`pred` must be a Tensor, or a Python bool, or 1 or 0. Received: {type(training)}"
+        msg = (
+            "`pred` must be a Tensor, or a Python bool, or 1 or 0. Received: "
+            f"training={_short(training)} of {type(training)}; `training` must be True, False, None, 1 or 0."
+        )
         raise TypeError(msg)
     return bool(training)
+
+
+def _named(get: Callable[[Any], Any], name: str, value: Any) -> Any:
+    """``get(value)`` with the argument's name and the received value in any error (same class)."""
+    try:
+        return get(value)
+    except (TypeError, ValueError, AttributeError) as err:
+        msg = f"Invalid `{name}`: {err} Received: {name}={_short(value)}."
+        raise type(err)(msg) from err
+
+
+def _call_user(fn: Any, name: str, *args: Any) -> Any:
+    """Call a user-supplied ``fn`` (a regularizer, constraint, adjustment); its exception keeps its
+    class and gains the argument's name where the class allows."""
+    try:
+        return fn(*args)
+    except Exception as err:
+        if name in str(err):
+            raise
+        try:
+            new = type(err)(f"{name}={_short(fn)} raised {type(err).__name__}: {err}")
+        except Exception:  # noqa: BLE001 - a class that takes other arguments: keep the original
+            raise err from None
+        raise new from err
+
+
+def _converted_mask(mask: Any, inputs: Any) -> Any:
+    """A list or scalar mask as an array of the input's library (TF converts it with ``convert_to_tensor``)."""
+    xp = array_namespace(inputs)
+    import numpy as np  # what TF's conversion rules are: NumPy's
+
+    try:
+        host = np.asarray(mask)
+    except (TypeError, ValueError) as err:
+        msg = f"Failed to convert the mask to an array: received mask={_short(mask)} ({err})."
+        raise ValueError(msg) from err
+    if host.dtype.kind in ("O", "U", "S", "V"):
+        msg = (
+            f"Failed to convert the mask to a tensor: received mask={_short(mask)} (NumPy dtype {host.dtype}); "
+            "a boolean or numeric mask is allowed."
+        )
+        raise ValueError(msg)
+    return xp.asarray(mask, device=array_device(inputs))
+
+
+def _build_clipping(clipping: Any) -> dict[str, Any]:
+    """The clipping build keeps in the config: a dict (a non-dict fails where training reads it)."""
+    return dict(clipping) if isinstance(clipping, dict) else {}
+
+
+def _checked_clipping(clipping: Any) -> Any:
+    """``renorm_clipping`` as TF reads it in renorm training: ``.get`` of rmax/rmin/dmax, numbers or None."""
+    if not hasattr(clipping, "get"):
+        msg = (
+            f"'{type(clipping).__name__}' object has no attribute 'get': received renorm_clipping={clipping!r}; "
+            "a dict with keys 'rmax', 'rmin', 'dmax' is allowed."
+        )
+        raise AttributeError(msg)
+    for key in ("rmax", "rmin", "dmax"):
+        v = clipping.get(key)
+        if v is not None and not _is_real(v):
+            msg = f"renorm_clipping[{key!r}]={v!r} is not a number; received renorm_clipping={clipping!r}."
+            raise TypeError(msg)
+    return clipping
+
+
+def _truthy(v: Any) -> bool:
+    try:
+        return bool(v)
+    except Exception:  # noqa: BLE001
+        return True
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    s = repr(value)
+    return s if len(s) <= limit else s[: limit - 3] + "..."
 
 
 def _to_namespace(w: Any, xp: ModuleType, dtype: Any, device: Any) -> Array:

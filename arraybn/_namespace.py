@@ -22,6 +22,7 @@ __all__ = [
     "float_error_settings",
     "float_errors_ignored",
     "is_array",
+    "is_dask_namespace",
     "is_compiling",
     "is_cupy_array",
     "is_torch_array",
@@ -194,6 +195,11 @@ def float_error_settings() -> Any:
 
     settings = np.geterr()
     return lambda: np.errstate(**settings)
+
+
+def is_dask_namespace(xp: Any) -> bool:
+    """True for dask.array (wrapped or not): a lazy library whose computations may fail later."""
+    return bool(array_api_compat.is_dask_namespace(xp))
 
 
 def is_array(x: Any) -> bool:

@@ -60,7 +60,10 @@ class Registry:
                     "and `config` as keys"
                 )
                 raise ValueError(msg)
-            name, kwargs = config["class_name"], config["config"] or {}
+            name, kwargs = config["class_name"], config["config"]
+            if kwargs is None:  # Keras iterates it (``config["config"].items()``)
+                msg = f"'NoneType' object has no attribute 'items': the {self.kind} config {config!r} has config=None; a dict is allowed."
+                raise AttributeError(msg)
         else:
             msg = f"Could not interpret {self.kind} identifier: {config!r}"
             raise ValueError(msg)

@@ -15,6 +15,10 @@ __all__ = [
     "check_rank_defined",
     "check_renorm_clipping",
     "check_virtual_batch",
+    "build_shape",
+    "check_adjustment_result",
+    "check_array_dtype",
+    "check_input_object",
     "fused_can_be_used",
     "param_shape",
     "require_known_sizes",
@@ -40,24 +44,32 @@ def check_axis_argument(axis: Any) -> int | list[int] | tuple[int, ...]:
 def check_renorm_clipping(renorm_clipping: Any) -> dict[str, Any]:
     """TF accepts only the keys rmax, rmin, dmax (missing ones mean inf, 0, inf)."""
     clipping = renorm_clipping or {}
-    unknown = set(clipping) - set(RENORM_CLIPPING_KEYS)  # TF's check: what iterating it gives
+    try:
+        unknown = set(clipping) - set(RENORM_CLIPPING_KEYS)  # TF's check: what iterating it gives
+    except TypeError as err:
+        msg = f"{err}: received renorm_clipping={renorm_clipping!r}; a dict with keys {list(RENORM_CLIPPING_KEYS)} is allowed."
+        raise TypeError(msg) from err
     if unknown:
         msg = (
             f"Received invalid keys for `renorm_clipping` argument: {renorm_clipping}. "
             f"Supported values: {list(RENORM_CLIPPING_KEYS)}."
         )
         raise ValueError(msg)
-    return dict(clipping)
+    return dict(clipping) if isinstance(clipping, dict) else clipping  # TF keeps it; training reads .get
 
 
-def _undefined_rank(shape: Sequence[Any]) -> ValueError:
-    return ValueError(f"Input has undefined rank. Received: input_shape={tuple(shape)}")
+def _undefined_rank(shape: Sequence[Any], inputs: Any = None) -> ValueError:
+    received = "" if inputs is None else f" (inputs={inputs!r})"
+    return ValueError(
+        f"Input has undefined rank. Received: input_shape={tuple(shape)}{received}; batch normalization "
+        "needs inputs of rank 1 or more."
+    )
 
 
 def check_rank_defined(x: Any) -> None:
     """A Python number as the input: TF converts it to a rank-0 tensor and raises its ValueError."""
     if isinstance(x, (bool, int, float)):
-        raise _undefined_rank(())
+        raise _undefined_rank((), x)
 
 
 def unknown_size(s: Any) -> bool:
@@ -82,6 +94,10 @@ def validate_axis(axis: int | Sequence[int], shape: Sequence[int]) -> list[int]:
     if not rank:
         raise _undefined_rank(shape)
     axes = [axis] if isinstance(axis, int) else list(axis)
+    for a in axes:
+        if not hasattr(a, "__index__"):
+            msg = f"list indices must be integers or slices, not {type(a).__name__}: received axis={axis!r}; ints are allowed."
+            raise TypeError(msg)
     for i, a in enumerate(axes):
         if a < 0:
             axes[i] = rank + a
@@ -89,11 +105,11 @@ def validate_axis(axis: int | Sequence[int], shape: Sequence[int]) -> list[int]:
         if a < 0 or a >= rank:
             msg = (
                 "Invalid value for `axis` argument. Expected 0 <= axis < inputs.rank (with "
-                f"inputs.rank={rank}). Received: axis={tuple(axes)}"
+                f"inputs.rank={rank}). Received: axis={tuple(axes)} (axis={axis!r} as given)"
             )
             raise ValueError(msg)
     if len(axes) != len(set(axes)):
-        msg = f"Duplicate axis: {tuple(axes)}"
+        msg = f"Duplicate axis: {tuple(axes)} (received axis={axis!r}); each axis may appear once."
         raise ValueError(msg)
     return axes
 
@@ -102,7 +118,15 @@ def check_virtual_batch(virtual_batch_size: Any, axes: Sequence[int], adjustment
     """Build-time checks of ``virtual_batch_size`` (a positive int, batch axis not normalized, no adjustment)."""
     if virtual_batch_size is None:
         return
-    if virtual_batch_size <= 0:
+    try:
+        positive = virtual_batch_size > 0
+    except TypeError as err:
+        msg = (
+            "`virtual_batch_size` must be a positive integer that divides the true batch size "
+            f"of the input tensor. Received: virtual_batch_size={virtual_batch_size!r}"
+        )
+        raise TypeError(msg) from err
+    if not positive:
         msg = (
             "`virtual_batch_size` must be a positive integer that divides the true batch size "
             f"of the input tensor. Received: virtual_batch_size={virtual_batch_size}"
@@ -123,6 +147,9 @@ def fused_can_be_used(
     *, renorm: bool, axes: Sequence[int], virtual_batch_size: Any, adjustment: Any, compute_dtype: str
 ) -> bool:
     """``_fused_can_be_used`` with the axis already normalized (TF checks it after ``validate_axis``)."""
+    if not axes and not renorm:
+        msg = "list index out of range: received axis=[]; at least one axis to normalize is needed."
+        raise IndexError(msg)
     if renorm or len(axes) > 1 or axes[0] not in (-4, -3, -1, 1, 3, 4):
         return False
     if virtual_batch_size is not None or adjustment is not None:
@@ -130,21 +157,167 @@ def fused_can_be_used(
     return compute_dtype in ("float16", "bfloat16", "float32")
 
 
-def resolve_fused(fused: Any, *, rank: int, axes: Sequence[int], **options: Any) -> bool:
-    """The effective ``fused`` of the v1 layer after ``build``.
+def resolve_fused(fused: Any, *, rank: int, axes: Sequence[int], **options: Any) -> tuple[bool, Any]:
+    """``(path, stored)``: whether the v1 layer takes the fused path after ``build``, and the value
+    ``build`` leaves in ``layer.fused``.
 
-    The v1 layer turns ``fused=None`` into ``True`` in ``__init__``; ``build``
-    then keeps it only for rank 4/5 inputs when the fused kernel can be used,
-    and only with the channel axis 1 or 3 (rank 4) or 1 or 4 (rank 5). Anything
-    else falls back to the non-fused path *silently*, ``fused=True`` included
-    (unlike TF2's layer, which raises).
+    TF's rule, compared as TF compares: ``fused`` equal to ``None`` or ``True`` (``1``,
+    ``np.bool_(True)``) becomes "fused where possible": rank 4/5 inputs whose options the fused
+    kernel supports. Any other value is kept as it is and taken by its truth: a truthy one (``2``,
+    ``"yes"``) asks for the fused kernel whatever the options, and raises for a rank other than 4 or
+    5 or an unsupported axis (a rank-5 input falls back to the non-fused path); a falsy one
+    (``0``, ``""``, ``np.bool_(False)``) is the non-fused path.
     """
-    if fused is False:
-        return False
-    if rank not in (4, 5) or not fused_can_be_used(axes=axes, **options):
-        return False
+    try:
+        where_possible = fused in (None, True)
+        wanted = bool(fused)
+    except (TypeError, ValueError) as err:  # an array: its truth value is ambiguous
+        msg = f"`fused` must be True, False or None; received fused={fused!r} ({err})."
+        raise ValueError(msg) from err
+    if where_possible:
+        fused = rank in (4, 5) and fused_can_be_used(axes=axes, **options)
+        wanted = fused
+    if not wanted:
+        return False, fused
     a = list(axes)
-    return (rank == 4 and a in ([1], [3])) or (rank == 5 and a in ([1], [4]))
+    if (rank == 4 and a in ([1], [3])) or (rank == 5 and a in ([1], [4])):
+        if options.get("virtual_batch_size") is not None or options.get("compute_dtype") not in (
+            "float16", "bfloat16", "float32"
+        ):
+            msg = (
+                f"`fused={fused!r}` asks for the fused kernel, which supports neither `virtual_batch_size` nor "
+                f"the compute dtype {options.get('compute_dtype')!r} (TensorFlow fails in the kernel). "
+                "Use fused=None or False."
+            )
+            raise ValueError(msg)
+        return True, fused
+    if rank == 5:
+        return False, False
+    dims = "`axis=1` or `axis=3` for 4D" if rank == 4 else "`axis=1` or `axis=4` for 5D"
+    msg = (
+        f"Unsupported axis. The use of `fused=True` is only possible with {dims} input tensors. "
+        f"Received: axis={tuple(axes)}, fused={fused!r}, input rank {rank}"
+    )
+    raise ValueError(msg)
+
+
+def build_shape(input_shape: Any) -> tuple[int | None, ...]:
+    """``tf.TensorShape(input_shape)``'s checks: a known rank, and sizes that are ints or None."""
+    if input_shape is None:
+        msg = "Input has undefined rank. Received: input_shape=None; `build` needs a shape such as (batch, channels)."
+        raise ValueError(msg)
+    if hasattr(input_shape, "__index__") and not hasattr(input_shape, "__len__") and not isinstance(input_shape, bool):
+        input_shape = (input_shape,)  # TensorShape(3) is a rank-1 shape
+    try:
+        dims = list(input_shape) if not isinstance(input_shape, (str, bytes, bool)) else None
+    except TypeError:
+        dims = None
+    if dims is None:
+        msg = (
+            f"Failed to convert input_shape={input_shape!r} to a shape: give a tuple or list of ints or None "
+            "(a single int is a rank-1 shape)."
+        )
+        raise TypeError(msg)
+    out: list[int | None] = []
+    for d in dims:
+        if d is None:
+            out.append(None)
+            continue
+        if isinstance(d, bool) or not hasattr(d, "__index__"):
+            msg = (
+                "Dimension value must be integer or None or have an __index__ method, got value "
+                f"{d!r} with type {type(d)!r}. Received: input_shape={input_shape!r}"
+            )
+            raise TypeError(msg)
+        n = int(d.__index__())
+        if n < 0:
+            msg = f"Dimension {n} must be >= 0. Received: input_shape={input_shape!r}"
+            raise ValueError(msg)
+        out.append(n)
+    return tuple(out)
+
+
+def check_array_dtype(x: Any, what: str) -> None:
+    """TF converts only numeric and boolean arrays: an object or string array is a ValueError."""
+    kind = getattr(getattr(x, "dtype", None), "kind", None)
+    if kind in ("O", "U", "S", "V"):
+        msg = (
+            f"Failed to convert {what} to a tensor: received {what}={type(x).__name__} of dtype "
+            f"{x.dtype} and shape {tuple(x.shape)}; a numeric or boolean array is allowed."
+        )
+        raise ValueError(msg)
+
+
+def _leaves(value: Any) -> list[Any]:
+    if isinstance(value, (list, tuple)):
+        return [leaf for v in value for leaf in _leaves(v)]
+    return [value]
+
+
+def check_input_object(inputs: Any, *, built: bool) -> None:
+    """A non-array input: TF's layer treats a list or tuple as a nested structure of inputs.
+
+    Its exception class depends on what is inside and on whether the layer was built; the
+    rule below is TF's (numbers: TypeError on the first call, ValueError later; None or
+    strings: the other way round)."""
+    if isinstance(inputs, (bool, int, float)):
+        raise _undefined_rank((), inputs)
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in _leaves(inputs))
+    numbers = numbers and isinstance(inputs, (list, tuple))
+    kind = type(inputs).__name__
+    msg = (
+        f"BatchNormalization expects an array as `inputs`; received a Python {kind}"
+        f"{' of numbers' if numbers else ''}: inputs={_short_repr(inputs)}. Convert it with your array "
+        "library first (e.g. numpy.asarray(inputs, dtype='float32'))."
+    )
+    first_call_type_error = numbers
+    raise (TypeError(msg) if first_call_type_error != built else ValueError(msg))
+
+
+def _short_repr(value: Any, limit: int = 120) -> str:
+    s = repr(value)
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+def check_adjustment_result(result: Any, x_shape: Sequence[Any]) -> tuple[Any, Any]:
+    """What ``adjustment(shape)`` returned: a ``(scale, bias)`` pair of numbers or arrays that
+    broadcast against the input without changing its shape."""
+    try:
+        scale, bias = result
+    except TypeError as err:
+        msg = f"`adjustment` must return a (scale, bias) pair; it returned {_short_repr(result)} ({err})."
+        raise TypeError(msg) from err
+    except ValueError as err:
+        msg = f"`adjustment` must return a (scale, bias) pair; it returned {_short_repr(result)} ({err})."
+        raise ValueError(msg) from err
+    for name, v in (("scale", scale), ("bias", bias)):
+        if v is None:
+            msg = f"`adjustment` returned {name}=None; a number or an array broadcastable to the input is allowed."
+            raise ValueError(msg)
+        if isinstance(v, (str, bytes)) or not (hasattr(v, "shape") or _is_number(v)):
+            msg = (
+                f"`adjustment` returned {name}={_short_repr(v)}, which is not a number or an array; a number "
+                "or an array broadcastable to the input is allowed."
+            )
+            raise TypeError(msg)
+        shape = tuple(getattr(v, "shape", ()))
+        if any(unknown_size(s) for s in (*shape, *x_shape)):
+            continue
+        try:
+            ok = _broadcast_shapes(shape, tuple(x_shape)) == tuple(x_shape)
+        except ValueError:
+            ok = False
+        if not ok:
+            msg = (
+                f"`adjustment` returned {name} of shape {shape}, which does not broadcast to the input's shape "
+                f"{tuple(x_shape)} without changing it; a number or an array broadcastable to the input is allowed."
+            )
+            raise ValueError(msg)
+    return scale, bias
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) or type(v).__module__ == "numpy"
 
 
 def param_shape(shape: Sequence[int], axes: Sequence[int], virtual_batch_size: Any) -> tuple[int, ...]:

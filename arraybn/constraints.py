@@ -52,6 +52,24 @@ def _norms(w: Any, axis: Any, xp: Any) -> Any:
     return xp.sqrt(xp.sum(w * w, axis=axes, keepdims=True))
 
 
+def _number(owner: Any, name: str) -> float:
+    value = getattr(owner, name)
+    if isinstance(value, (str, bytes)) or value is None:
+        msg = f"Cannot convert {value!r} to a float: {type(owner).__name__}'s {name}={value!r}; a real number is allowed."
+        raise TypeError(msg)
+    try:
+        return float(value)
+    except (TypeError, ValueError) as err:
+        msg = f"Cannot convert {value!r} to a float: {type(owner).__name__}'s {name}={value!r}; a real number is allowed."
+        raise TypeError(msg) from err
+
+
+def _clip(x: Any, lo: float, hi: float, xp: Any) -> Any:
+    """Keras's ``backend.clip``: a maximum below the minimum is raised to it; then ``tf.clip_by_value``."""
+    hi = max(hi, lo)
+    return xp.maximum(xp.minimum(x, hi), lo)
+
+
 @_registry.register("non_neg")
 class NonNeg(Constraint):
     """Zero out negative entries: ``w * (w >= 0)``."""
@@ -71,7 +89,7 @@ class MaxNorm(Constraint):
     def __call__(self, w: Any) -> Any:
         xp = _xp(w)
         norms = _norms(w, self.axis, xp)
-        desired = xp.clip(norms, 0.0, float(self.max_value))
+        desired = _clip(norms, 0.0, _number(self, "max_value"), xp)
         return w * (desired / (EPSILON + norms))
 
     def get_config(self) -> dict[str, Any]:
@@ -103,7 +121,8 @@ class MinMaxNorm(Constraint):
     def __call__(self, w: Any) -> Any:
         xp = _xp(w)
         norms = _norms(w, self.axis, xp)
-        desired = self.rate * xp.clip(norms, float(self.min_value), float(self.max_value)) + (1 - self.rate) * norms
+        lo, hi, rate = _number(self, "min_value"), _number(self, "max_value"), _number(self, "rate")
+        desired = rate * _clip(norms, lo, hi, xp) + (1 - rate) * norms
         return w * (desired / (EPSILON + norms))
 
     def get_config(self) -> dict[str, Any]:

@@ -77,16 +77,19 @@ class Constant(Initializer):
     """A constant ``value`` (a Python number)."""
 
     def __init__(self, value: float = 0) -> None:
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
+        self.value = value  # checked where TF converts it: when the weights are created
+
+    def __call__(self, shape, dtype=None, *, xp, device=None):  # type: ignore[no-untyped-def]
+        value = self.value
+        if isinstance(value, bool):
+            value = int(value)  # tf.constant(True, float32) is 1.0
+        if not isinstance(value, (int, float)):
             msg = (
                 "Constant initializer only supports scalar values; "
                 f"received value={value!r} of type {type(value).__name__}."
             )
             raise TypeError(msg)
-        self.value = value
-
-    def __call__(self, shape, dtype=None, *, xp, device=None):  # type: ignore[no-untyped-def]
-        return xp.full(tuple(shape), self.value, dtype=dtype, device=device)
+        return xp.full(tuple(shape), value, dtype=dtype, device=device)
 
     def get_config(self) -> dict[str, Any]:
         return {"value": self.value}

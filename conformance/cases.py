@@ -755,6 +755,7 @@ def groups():
          "crossed": ["regularizer", "path", "policy", "gamma"], "pairwise": [], "cases": _activity()},
         {"name": "frozen_momentum", "description": "momentum None/True, frozen and not, on every path.",
          "crossed": ["momentum", "path", "trainable"], "pairwise": [], "cases": _frozen_momentum()},
+        _errors_fuzz_group(),
     ]
     from .deep_cases import deep_groups
 
@@ -765,6 +766,14 @@ def groups():
             assert c["id"] not in seen, c["id"]
             seen.add(c["id"])
     return G
+
+
+def _errors_fuzz_group():
+    from .fuzz_cases import error_fuzz_cases  # a module of its own: the fuzzer's pools
+
+    return {"name": "errors_fuzz", "description": "Bad constructor arguments and training values drawn "
+            "by a seeded fuzzer (conformance/fuzz_cases.py).", "crossed": [], "pairwise": [],
+            "cases": error_fuzz_cases()}
 
 
 def group_hash(group, extra=""):

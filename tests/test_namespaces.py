@@ -522,14 +522,22 @@ def test_numpy_layer_called_with_torch_raises_type_error(training) -> None:  # t
     _assert_untouched(layer, snap)
 
 
-@pytest.mark.parametrize("training", [True, False])
-def test_numpy_input_with_torch_mask_raises_type_error(training) -> None:  # type: ignore[no-untyped-def]
+def test_numpy_input_with_torch_mask_raises_type_error() -> None:
     torch = pytest.importorskip("torch")
     layer = _trained_layer(_data((8, 5, 3), 0))
     snap = _snapshot(layer)
     with pytest.raises(TypeError, match="one array library"):
-        layer(_data((8, 5, 3), 1), training=training, mask=torch.ones((8, 5), dtype=torch.bool))
+        layer(_data((8, 5, 3), 1), training=True, mask=torch.ones((8, 5), dtype=torch.bool))
     _assert_untouched(layer, snap)
+
+
+def test_inference_does_not_read_the_mask() -> None:
+    # TF reads the mask in training only: in inference any mask, even another library's, is ignored
+    torch = pytest.importorskip("torch")
+    layer = _trained_layer(_data((8, 5, 3), 0))
+    x = _data((8, 5, 3), 1)
+    y = layer(x, training=False, mask=torch.zeros((8, 5), dtype=torch.bool))
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(layer(x, training=False)))
 
 
 def test_torch_layer_with_numpy_mask_raises_type_error() -> None:
@@ -561,7 +569,7 @@ def test_strict_input_on_another_device_raises_value_error(training, strict_xp) 
     _assert_untouched(layer, snap)
 
 
-@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("training", [True])  # inference does not read the mask (TF)
 def test_strict_mask_on_another_device_raises_value_error(training, strict_xp) -> None:  # type: ignore[no-untyped-def]
     xp = strict_xp
     dev1 = xp.Device("device1")

@@ -113,7 +113,7 @@ def test_unknown_names():
         arraybn.BatchNormalization(gamma_constraint="nope")
     with pytest.raises(ValueError, match="not a valid regularization penalty number"):
         arraybn.BatchNormalization(gamma_regularizer={"class_name": "L1", "config": {"l1": float("nan")}})
-    with pytest.raises(TypeError, match="Cannot convert 'mixed_int8' to a dtype policy"):
+    with pytest.raises(TypeError, match="Cannot convert dtype='mixed_int8' to a dtype policy"):
         arraybn.BatchNormalization(dtype="mixed_int8")
     # TF accepts these at construction and fails when the layer runs
     layer = arraybn.BatchNormalization(dtype="int8")
