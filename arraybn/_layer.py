@@ -364,7 +364,46 @@ class BatchNormalization:
 
     # -------------------------------------------------------------------- call
     def __call__(self, inputs: Array, training: Any = None, mask: Array | None = None) -> Array:
-        """Normalize ``inputs``; ``training=None`` means inference (the v1 learning phase 0)."""
+        """Normalize ``inputs``; ``training=None`` means inference (the v1 learning phase 0).
+
+        The steps of tf-keras's ``call``: check the input and build on the first call
+        (`_checked_input`), read the attributes TF reads per call (`_current_config`), call the
+        ``adjustment`` and settle the mask (`_call_arguments`), compute (`arraybn.batch_norm`),
+        then keep the new state and the activity loss (`_keep`). Nothing is kept if a step raises.
+        """
+        xp, mask, deferred_mask, mask_given = self._checked_input(inputs, training, mask)
+        assert self._config is not None
+        training = _training_value(training)
+        if not self._config.axis:
+            msg = "list index out of range (axis=[]: no axis to normalize; TensorFlow raises IndexError here)"
+            raise IndexError(msg)
+        config = self._current_config(self._config, training)
+        adjustment, mask = self._call_arguments(inputs, config, training, mask, deferred_mask, mask_given)
+        v = self._vars
+        params = BNParams(v.get("gamma"), v.get("beta"))
+        state = BNState(
+            v["moving_mean"], v["moving_variance"], v.get("moving_stddev"), v.get("renorm_mean"), v.get("renorm_stddev")
+        )
+        with float_errors_ignored(xp):
+            y, new_state = batch_norm(
+                inputs,
+                params,
+                state,
+                training=training,
+                config=config,
+                mask=mask,
+                adjustment=adjustment,
+                trainable=bool(self.trainable),
+                xp=xp,
+            )
+        self._keep(v, new_state, self._activity_loss(y, xp), config, xp)
+        return y
+
+    def _checked_input(
+        self, inputs: Array, training: Any, mask: Array | None
+    ) -> tuple[ModuleType, Array | None, Any, bool]:
+        """The input's checks (TF's classes), the build on a first call; the namespace and the mask as far
+        as it can be settled before the path is known (a list or object array waits, see `_call_arguments`)."""
         check_rank_defined(inputs)
         if not is_array(inputs):
             check_input_object(inputs, built=self._built)
@@ -391,12 +430,13 @@ class BatchNormalization:
             self.build(tuple(None if unknown_size(s) else s for s in inputs.shape), xp=xp, device=array_device(inputs))
         else:
             self._check_input(inputs, xp)
-        assert self._config is not None
-        training = _training_value(training)
-        if not self._config.axis:
-            msg = "list index out of range (axis=[]: no axis to normalize; TensorFlow raises IndexError here)"
-            raise IndexError(msg)
-        config = self._current_config(self._config, training)
+        return xp, mask, deferred_mask, mask_given
+
+    def _call_arguments(
+        self, inputs: Array, config: BNConfig, training: bool, mask: Array | None, deferred_mask: Any, mask_given: bool
+    ) -> tuple[Any, Array | None]:
+        """The checks of the call's numbers, the ``adjustment`` called once (non-fused training only, with
+        the shape TF gives it) and checked, and the mask the path reads (the fused path warns and drops it)."""
         # momentum is read by the updates: a frozen non-fused layer makes none (the fused path converts it anyway)
         reads_momentum = training and (bool(self.trainable) or config.fused)
         _check_call_numbers(
@@ -426,40 +466,31 @@ class BatchNormalization:
                 "(`fused=False`) or you should not pass a `mask` argument when calling the layer. "
                 "For the moment `mask` will be ignored for the normalization.",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
-            mask = deferred_mask = None
+            return adjustment, None
         if deferred_mask is not None:  # the non-fused path reads it: TF converts it with convert_to_tensor
             mask = _converted_mask(deferred_mask, inputs)
-        v = self._vars
-        params = BNParams(v.get("gamma"), v.get("beta"))
-        state = BNState(
-            v["moving_mean"], v["moving_variance"], v.get("moving_stddev"), v.get("renorm_mean"), v.get("renorm_stddev")
-        )
-        with float_errors_ignored(xp):
-            y, new_state = batch_norm(
-                inputs,
-                params,
-                state,
-                training=training,
-                config=config,
-                mask=mask,
-                adjustment=adjustment,
-                trainable=bool(self.trainable),
-                xp=xp,
-            )
-        changed = {k: a for k, a in new_state._asdict().items() if a is not None and a is not v.get(k)}
-        activity_losses = []
-        if self.activity_regularizer is not None and _truthy(self.activity_regularizer):
-            # Keras: the penalty of the output divided by the batch size
-            require_known_sizes(y.shape[:1], "The activity regularizer's mean over the batch")
-            loss = _call_user(self.activity_regularizer, "activity_regularizer", y)
-            loss = loss / y.shape[0]
-            if is_jax_namespace(xp):  # a kept JAX value carries no gradient; under jax.grad this is the value
-                loss = stop_gradient(loss)
-            activity_losses = [loss]
+        return adjustment, mask
+
+    def _activity_loss(self, y: Array, xp: ModuleType) -> list[Array]:
+        """Keras's activity penalty of the output, divided by the batch size (none without a regularizer)."""
+        if self.activity_regularizer is None or not _truthy(self.activity_regularizer):
+            return []
+        require_known_sizes(y.shape[:1], "The activity regularizer's mean over the batch")
+        loss = _call_user(self.activity_regularizer, "activity_regularizer", y)
+        loss = loss / y.shape[0]
+        if is_jax_namespace(xp):  # a kept JAX value carries no gradient; under jax.grad this is the value
+            loss = stop_gradient(loss)
+        return [loss]
+
+    def _keep(
+        self, old: dict[str, Array], new_state: BNState, activity_losses: list[Array], config: BNConfig, xp: ModuleType
+    ) -> None:
+        """Keep the call's new state, its config and its losses, in one assignment of the state."""
+        changed = {k: a for k, a in new_state._asdict().items() if a is not None and a is not old.get(k)}
         leaks = [*changed.values(), *activity_losses] if is_jax_namespace(xp) else []
-        if any(is_traced(a) for a in leaks) and not any(is_traced(a) for a in v.values()):
+        if any(is_traced(a) for a in leaks) and not any(is_traced(a) for a in old.values()):
             msg = (
                 f'Layer "{self.name}" was called inside a JAX transformation (jax.jit, jax.vmap, ...) '
                 "in training, or with an activity regularizer: its moving statistics or its loss would "
@@ -469,13 +500,12 @@ class BatchNormalization:
                 "transformations."
             )
             raise RuntimeError(msg)
-        new_vars = {**v, **{k: stored(a) for k, a in changed.items()}}
+        new_vars = {**old, **{k: stored(a) for k, a in changed.items()}}
         self._vars = new_vars  # one assignment: a reader sees the old state or the new, never a mix
         if not is_dask_namespace(xp):
             self._good = new_vars  # computed already (dask's waits for get_weights, see there)
         self._config = config  # the numbers read by this call (a later backward uses them)
         self._activity_losses = activity_losses
-        return y
 
     def compute_output_shape(self, input_shape: Sequence[Any]) -> tuple[Any, ...]:
         return tuple(input_shape)
