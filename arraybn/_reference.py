@@ -252,7 +252,8 @@ class Ops:
         not known (dask's NaN) fall back to the namespace's own sum.
         """
         n = count_of(x.shape, axes)
-        if unknown_size(n) or n <= SUM_LEAF:  # one partial sum holds them all
+        # one partial sum holds them all (not under a compiler: a symbolic size would be guarded on)
+        if unknown_size(n) or (not is_compiling(x) and n <= SUM_LEAF):
             return xp.sum(x, axis=tuple(axes), keepdims=True)
         for axis in sorted(axes, reverse=True):
             x = self._sum_axis(x, axis, xp)

@@ -197,8 +197,14 @@ class BatchNormalization(nn.Module):
     def losses(self) -> list[torch.Tensor]:
         """The Keras layer's penalties (activity regularizer of the last call, gamma's and beta's
         regularizers); differentiable in gamma and beta, to add to a loss."""
-        if self._last is None:
-            return []
+        if self._last is None:  # no call yet: no activity loss, the weights' penalties already
+            t = self._template
+            out = []
+            if self.gamma is not None and t.gamma_regularizer is not None:
+                out.append(t.gamma_regularizer(self.gamma))
+            if self.beta is not None and t.beta_regularizer is not None:
+                out.append(t.beta_regularizer(self.beta))
+            return out
         self._last._vars = {
             name: t for name in ("gamma", "beta", *_STATE) if (t := getattr(self, name, None)) is not None
         }

@@ -856,8 +856,10 @@ def effective_fused(case):
     None where the arguments do not give a layer that builds."""
     kw = case["init_kwargs"]
     rank = len(case["input_shape"])
-    if kw.get("fused", None) is False:
+    fused = kw.get("fused", None)
+    if fused is not None and not fused:  # False, 0, '' ...: TF compares by truth (docs/semantics.md section 1)
         return False
+    forced = fused is not None and fused is not True  # a truthy non-True value asks for the kernel outright
     axis = kw.get("axis", -1)
     axes = axis if isinstance(axis, list) else [axis]
     if not all(isinstance(a, int) and not isinstance(a, bool) for a in axes) or not axes:
@@ -868,7 +870,10 @@ def effective_fused(case):
     compute = _compute_dtype(_policy_name(kw.get("dtype")))
     if compute is None:
         return None
-    return (rank in (4, 5) and len(axes) == 1 and axes[0] in (1, rank - 1)
+    shape_ok = rank in (4, 5) and len(axes) == 1 and axes[0] in (1, rank - 1)
+    if forced:  # renorm and adjustment are ignored; a shape the kernel cannot take is an error
+        return True if shape_ok and not kw.get("virtual_batch_size") else None
+    return (shape_ok
             and not kw.get("renorm") and not kw.get("virtual_batch_size") and kw.get("adjustment") is None
             and compute != "float64")
 

@@ -199,7 +199,7 @@ def test_effective_fused_matches_tf():
         tf_fused = (case.get("resolved") or {}).get("fused")
         mine = cases.effective_fused(case)
         if tf_fused is not None and mine is not None:
-            assert mine == tf_fused, case["id"]
+            assert mine == bool(tf_fused), case["id"]  # TF keeps fused as given (0, ''): its truth is the path
             n += 1
     assert n > 2000
 

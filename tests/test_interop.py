@@ -319,6 +319,9 @@ def _drive_module(chunk: Any, case: dict[str, Any], backend: Any) -> dict[str, A
         ws = [np.array(w) for w in chunk.arr(iw)] if not isinstance(iw, list) else [np.array(chunk.arr(r)) for r in iw]
         bn = _module_for(kwargs, dict(zip(names, ws, strict=True)))
     res: dict[str, Any] = {"error": None, "calls": [], "step": None}
+    built_losses = [R.to_numpy(v.detach()) for v in bn.losses]  # as the runner reads them after build
+    res["losses"] = [float(np.asarray(a, np.float64)) for a, _ in built_losses]
+    res["loss_dtypes"] = [t for _, t in built_losses]
 
     def weights() -> np.ndarray:
         return np.stack([getattr(bn, n).detach().numpy() for n in names])
