@@ -422,9 +422,14 @@ def weighted_moments(
     return mean + c, xp.where(variance < 0, xp.zeros_like(variance), variance)
 
 
-def mask_weights(mask: Array, x: Array, compute_dtype: Any, xp: ModuleType) -> Array:
-    """The frequency weights of a mask: ``expand_dims(cast(mask, compute_dtype), -1)`` in ``x``'s dtype (§2)."""
-    check_mask_broadcasts(tuple(mask.shape), tuple(x.shape))
+def mask_weights(
+    mask: Array, x: Array, compute_dtype: Any, xp: ModuleType, virtual_batch_size: int | None = None
+) -> Array:
+    """The frequency weights of a mask: ``expand_dims(cast(mask, compute_dtype), -1)`` in ``x``'s dtype (§2).
+
+    ``x`` is the input as the statistics see it (the ghost-batch view with ``virtual_batch_size``).
+    """
+    check_mask_broadcasts(tuple(mask.shape), tuple(x.shape), virtual_batch_size)
     w = xp.expand_dims(cast(mask, compute_dtype, xp), axis=-1)
     return cast(w, x.dtype, xp)
 
@@ -666,7 +671,7 @@ def non_fused_forward(
         if mask is None:
             mean, variance = moments(xs, axes, ops=ops, xp=xp)
         else:
-            weights = mask_weights(mask, xs, dtype_from_name(xp, config.compute_dtype), xp)
+            weights = mask_weights(mask, xs, dtype_from_name(xp, config.compute_dtype), xp, vbs)
             mean, variance = weighted_moments(xs, axes, weights, ops=ops, xp=xp)
         # the moving statistics move towards the mean of the ghost batches' statistics, in one update
         batch_mean = _mean_over_ghost_batches(mean, xp) if vbs is not None else mean
@@ -846,7 +851,7 @@ def _vjp_factors(
     if ctx.mask is None:
         mean, variance = moments(xs, stat_axes, ops=ops, xp=xp)
     else:
-        w = mask_weights(ctx.mask, xs, dtype_from_name(xp, config.compute_dtype), xp)
+        w = mask_weights(ctx.mask, xs, dtype_from_name(xp, config.compute_dtype), xp, config.virtual_batch_size)
         mean, variance = weighted_moments(xs, stat_axes, w, ops=ops, xp=xp)
         w = cast(w, work, xp)
     a = b = None

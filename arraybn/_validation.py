@@ -360,18 +360,26 @@ def _broadcast_shapes(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]
     return tuple(out)
 
 
-def check_mask_broadcasts(mask_shape: tuple[Any, ...], x_shape: tuple[Any, ...]) -> None:
-    """The mask, with TF's trailing axis added (``expand_dims(mask, -1)``), must broadcast to the input's shape."""
+def check_mask_broadcasts(
+    mask_shape: tuple[Any, ...], x_shape: tuple[Any, ...], virtual_batch_size: int | None = None
+) -> None:
+    """The mask, with TF's trailing axis added (``expand_dims(mask, -1)``), must broadcast to the input's shape
+    (with ghost batches: to the input as reshaped for them, as TF broadcasts it)."""
     require_known_sizes((*mask_shape, *x_shape), "A mask (its broadcast against the input)")
     try:
         if _broadcast_shapes((*mask_shape, 1), x_shape) != x_shape:
             msg = "the broadcast result is larger than the input"
             raise ValueError(msg)
     except ValueError as err:
+        against = (
+            f"the input as reshaped for ghost batches of virtual_batch_size={virtual_batch_size} (shape {x_shape})"
+            if virtual_batch_size is not None
+            else f"the input of shape {x_shape}"
+        )
         msg = (
-            f"The mask of shape {mask_shape} does not broadcast against the input of shape "
-            f"{x_shape} once a trailing axis is added (TensorFlow expands the mask with "
-            "expand_dims(mask, -1)). Pass a mask of the input's shape without its last axis."
+            f"The mask of shape {mask_shape} does not broadcast against {against} once a trailing axis is "
+            "added (TensorFlow expands the mask with expand_dims(mask, -1)). Pass a mask of the input's "
+            "shape without its last axis."
         )
         raise ValueError(msg) from err
 
