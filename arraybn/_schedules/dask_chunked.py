@@ -65,16 +65,17 @@ def _chunk_statistics(block: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
         return out  # an empty chunk adds nothing
     xp = _numpy_namespace()
     ops = select(block, xp)
-    m0 = ops.sum(block, axes, xp) / float(n)
-    d = block - m0
-    sum_d = np.asarray(ops.sum(d, axes, xp), np.float64)
-    d *= d
-    sum_d2 = np.asarray(ops.sum(d, axes, xp), np.float64)
-    correction = sum_d / n
-    finite = np.isfinite(correction)  # an infinite or NaN chunk: its statistics are what they are
-    out[0] = n
-    out[1] = np.asarray(m0, np.float64) + np.where(finite, correction, 0.0)
-    out[2] = np.where(finite, sum_d2 - sum_d * np.where(finite, correction, 0.0), sum_d2)
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf is NaN, silently, as TF computes it
+        m0 = ops.sum(block, axes, xp) / float(n)
+        d = block - m0
+        sum_d = np.asarray(ops.sum(d, axes, xp), np.float64)
+        d *= d
+        sum_d2 = np.asarray(ops.sum(d, axes, xp), np.float64)
+        correction = sum_d / n
+        finite = np.isfinite(correction)  # an infinite or NaN chunk: its statistics are what they are
+        out[0] = n
+        out[1] = np.asarray(m0, np.float64) + np.where(finite, correction, 0.0)
+        out[2] = np.where(finite, sum_d2 - sum_d * np.where(finite, correction, 0.0), sum_d2)
     return out
 
 
