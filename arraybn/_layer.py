@@ -576,12 +576,13 @@ class BatchNormalization:
             "epsilon": self.epsilon,
             "fused_avg_updates": isinstance(self.momentum, (float, int)),
             "fused": fused,
-            # the fused path replaces gamma/beta by 1/0 once scale/center is off (the non-fused one
-            # uses the weights whatever these say); turned on without the weight: _check_changed_after_build
-            "center": bool(self.center),
-            "scale": bool(self.scale),
         }
-        if not fused:
+        if fused:
+            # the fused path replaces gamma/beta by 1/0 once scale/center is off (the non-fused one uses
+            # the weights whatever these say, and never reads them); turned on without the weight:
+            # _check_changed_after_build
+            numbers.update(center=_truthy(self.center), scale=_truthy(self.scale))
+        else:
             # the non-fused path reads renorm and its settings, and virtual_batch_size, on every call
             numbers.update(renorm=bool(self.renorm), virtual_batch_size=self.virtual_batch_size)
             if self.renorm:

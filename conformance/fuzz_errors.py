@@ -475,6 +475,8 @@ def documented(case: dict[str, Any], tf: dict[str, Any], ab: dict[str, Any]) -> 
             return "epsilon=True under renorm: TF's tf.sqrt(epsilon) dtype defect (§13)"
     if arg == "virtual_batch_size" and isinstance(value, float):
         return "virtual_batch_size float (§13)"
+    if arg == "virtual_batch_size" and isinstance(value, (list, tuple)) and ab["cls"] and not tf["cls"]:
+        return "virtual_batch_size a list, set after build (§13)"
     if arg in ("epsilon", "momentum", "renorm_momentum") and ab["cls"] and not tf["cls"] and (
         isinstance(value, (list, tuple, complex, np.ndarray))
     ):
