@@ -350,9 +350,9 @@ class BatchNormalization:
                 raise type(err)(msg) from err
 
         new_vars: dict[str, Array] = {}
-        if self.scale:
+        if _named(bool, "scale", self.scale):
             new_vars["gamma"] = make("gamma_initializer")
-        if self.center:
+        if _named(bool, "center", self.center):
             new_vars["beta"] = make("beta_initializer")
         new_vars["moving_mean"] = make("moving_mean_initializer")
         new_vars["moving_variance"] = make("moving_variance_initializer")

@@ -43,7 +43,11 @@ def check_axis_argument(axis: Any) -> int | list[int] | tuple[int, ...]:
 
 def check_renorm_clipping(renorm_clipping: Any) -> dict[str, Any]:
     """TF accepts only the keys rmax, rmin, dmax (missing ones mean inf, 0, inf)."""
-    clipping = renorm_clipping or {}
+    try:
+        clipping = renorm_clipping or {}
+    except ValueError as err:  # an array's truth value, as TF meets it
+        msg = f"{err}: received renorm_clipping={renorm_clipping!r}; a dict with keys {list(RENORM_CLIPPING_KEYS)} is allowed."
+        raise ValueError(msg) from err
     try:
         unknown = set(clipping) - set(RENORM_CLIPPING_KEYS)  # TF's check: what iterating it gives
     except TypeError as err:
@@ -119,13 +123,13 @@ def check_virtual_batch(virtual_batch_size: Any, axes: Sequence[int], adjustment
     if virtual_batch_size is None:
         return
     try:
-        positive = virtual_batch_size > 0
-    except TypeError as err:
+        positive = bool(virtual_batch_size > 0)
+    except (TypeError, ValueError) as err:  # ValueError: an array's truth value, as TF meets it
         msg = (
             "`virtual_batch_size` must be a positive integer that divides the true batch size "
             f"of the input tensor. Received: virtual_batch_size={virtual_batch_size!r}"
         )
-        raise TypeError(msg) from err
+        raise type(err)(msg) from err
     if not positive:
         msg = (
             "`virtual_batch_size` must be a positive integer that divides the true batch size "
