@@ -41,15 +41,14 @@ import functools
 import importlib
 import os
 import warnings
-from collections.abc import Callable
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from types import ModuleType
 from typing import Any
 
 from .._namespace import is_compiling, is_cupy_array, is_dask_array, is_numpy_array, is_torch_array
 from .._reference import REFERENCE, Ops
 
-__all__ = ["available_schedules", "disable", "falls_back", "get_schedule", "schedule", "select"]
+__all__ = ["available_schedules", "disable", "falls_back", "get_schedule", "pairwise_sum", "schedule", "select"]
 
 Array = Any
 
@@ -142,6 +141,18 @@ def falls_back(method: Callable[..., Any]) -> Callable[..., Any]:
         return getattr(Ops, method.__name__)(self, *args, **kwargs)
 
     return run
+
+
+def pairwise_sum(parts: Sequence[Array]) -> Array:
+    """Partial sums added pairwise, in order (``((p0 + p1) + (p2 + p3)) + ...``): the error of the
+    total grows with the logarithm of the number of parts, as a tree reduction's does."""
+    parts = list(parts)
+    while len(parts) > 1:
+        paired = [parts[i] + parts[i + 1] for i in range(0, len(parts) - 1, 2)]
+        if len(parts) % 2:
+            paired.append(parts[-1])
+        parts = paired
+    return parts[0]
 
 
 def _made_for(x: Array) -> str | None:

@@ -41,10 +41,9 @@ Here, for CuPy arrays:
 Eager CuPy arrays of float32/float64 take the kernels at any size
 (``ARRAYBN_CUDA_KERNELS=0`` turns them off: CuPy then runs the Array API code, which gives the
 same bits, with more launches); the matmul sums need at least 1 MiB and ``matmul`` in full float32 (``CUPY_TF32`` unset).
-torch CUDA keeps the plain expressions: its own reduction and elementwise
-kernels measured faster than these schedules (docs/performance.md). CPU
-namespaces run the plain expressions or :mod:`arraybn._streaming`; lazy and
-compiled namespaces (dask, JAX, ``torch.compile``) plan their own passes.
+Other namespaces run the reference or their own schedule (:mod:`arraybn._schedules`:
+torch tensors, CUDA ones included, take ``torch-eager``; dask arrays ``dask-chunked``); JAX and
+``torch.compile`` plan their own passes.
 """
 
 from __future__ import annotations

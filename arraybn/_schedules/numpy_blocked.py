@@ -31,8 +31,8 @@ then ``y += b``, the same two roundings) and changes only the schedule:
 Only used where :func:`arraybn._namespace.streams_through_cache` says so
 (eager, C-contiguous NumPy arrays of float32 or float64, at least 1 MiB);
 everywhere else the plain expressions run, and lazy or compiled namespaces plan
-their own passes. ``tests/test_streaming.py`` holds the two schedules to the
-same results.
+their own passes. ``tests/test_schedules.py`` holds this schedule to the reference's
+results.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from typing import Any, NamedTuple, TypeVar
 
 from .._namespace import array_device, float_error_settings, multiply_into, streams_through_cache, subtract_into
 from .._reference import REFERENCE, Ops, corrected_moments
+from . import pairwise_sum
 
 Array = Any
 T = TypeVar("T")
@@ -128,18 +129,6 @@ def _tiled(v: Array, k: int, xp: ModuleType) -> Array:
 def _fold(v: Array, k: int, c: int, xp: ModuleType) -> Array:
     """Sum a row of ``k`` channel vectors back to one vector of ``c``."""
     return v if k == 1 else xp.reshape(REFERENCE.sum(xp.reshape(v, (k, c)), (0,), xp), (c,))
-
-
-def _combine(parts: Sequence[Array]) -> Array:
-    """The partial sums added pairwise, in order (``((p0 + p1) + (p2 + p3)) + ...``): the error of the
-    total grows with the logarithm of the number of parts, as a tree reduction's does."""
-    parts = list(parts)
-    while len(parts) > 1:
-        paired = [parts[i] + parts[i + 1] for i in range(0, len(parts) - 1, 2)]
-        if len(parts) % 2:
-            paired.append(parts[-1])
-        parts = paired
-    return parts[0]
 
 
 # ---------------------------------------------------------------------------
@@ -241,9 +230,9 @@ def _last_moments(x: Array, lay: Layout, xp: ModuleType) -> tuple[Array, Array]:
         return folded if tail_total is None else folded + tail_total
 
     def sums(piece: Sequence[tuple[int, int]]) -> Array:
-        return _combine([ones[: j - i] @ rows[i:j] for i, j in piece])
+        return pairwise_sum([ones[: j - i] @ rows[i:j] for i, j in piece])
 
-    mean = per_channel(_combine(_parallel(sums, pieces)), None if tail is None else ones[: tail.shape[0]] @ tail) / n
+    mean = per_channel(pairwise_sum(_parallel(sums, pieces)), None if tail is None else ones[: tail.shape[0]] @ tail) / n
     row_mean = _tiled(mean, lay.k, xp)
 
     def centred(piece: Sequence[tuple[int, int]]) -> tuple[Array, Array]:
@@ -255,7 +244,7 @@ def _last_moments(x: Array, lay: Layout, xp: ModuleType) -> tuple[Array, Array]:
             sums.append(ones[: j - i] @ d)
             d *= d
             squares.append(ones[: j - i] @ d)
-        return _combine(sums), _combine(squares)
+        return pairwise_sum(sums), pairwise_sum(squares)
 
     per_piece = _parallel(centred, pieces)
     tail_sums = [None, None]
@@ -264,7 +253,7 @@ def _last_moments(x: Array, lay: Layout, xp: ModuleType) -> tuple[Array, Array]:
         tail_sums[0] = ones[: tail.shape[0]] @ d
         d *= d
         tail_sums[1] = ones[: tail.shape[0]] @ d
-    sum_d, sum_d2 = (per_channel(_combine([p[s] for p in per_piece]), tail_sums[s]) for s in range(2))
+    sum_d, sum_d2 = (per_channel(pairwise_sum([p[s] for p in per_piece]), tail_sums[s]) for s in range(2))
     return corrected_moments(mean, sum_d, sum_d2, n, xp)
 
 
@@ -293,7 +282,7 @@ def channel_moments(x: Array, lay: Layout, xp: ModuleType) -> tuple[Array, Array
                 subtract_into(cube[i:j, ch, :], m, c)
                 sums.append(xp.sum(c))  # NumPy's pairwise sum of a contiguous block
                 squares.append(xp.sum(xp.vecdot(c, c)))  # BLAS dots along rows, their (pairwise) sum
-            totals.append((_combine(sums), _combine(squares)))
+            totals.append((pairwise_sum(sums), pairwise_sum(squares)))
         return totals
 
     per_channel = [t for piece in _parallel(centred, _pieces(range(lay.c))) for t in piece]
@@ -375,10 +364,10 @@ def centred_sums(x: Array, dy: Array, mean: Array, lay: Layout, xp: ModuleType) 
                 multiply_into(grad_rows[i:j], c, p)
                 for s, block in enumerate((c, grad_rows[i:j], p)):
                     parts[s].append(o @ block)
-            return [_combine(p) for p in parts]
+            return [pairwise_sum(p) for p in parts]
 
         per_piece = _parallel(rows_piece, _pieces(blocks))
-        folded = [_fold(_combine([piece[s] for piece in per_piece]), lay.k, lay.c, xp) for s in range(3)]
+        folded = [_fold(pairwise_sum([piece[s] for piece in per_piece]), lay.k, lay.c, xp) for s in range(3)]
         if tail is not None:
             c = tail - mean
             for s, block in enumerate((c, grad_tail, grad_tail * c)):
@@ -400,7 +389,7 @@ def centred_sums(x: Array, dy: Array, mean: Array, lay: Layout, xp: ModuleType) 
                 # row sums and row dot products through BLAS, then their (pairwise) sum
                 for s, row_values in enumerate((c @ ones, g @ ones, xp.vecdot(g, c))):
                     parts[s].append(xp.sum(row_values))
-            per_channel.append([_combine(p) for p in parts])
+            per_channel.append([pairwise_sum(p) for p in parts])
         return per_channel
 
     channels = [t for piece in _parallel(channels_piece, _pieces(range(lay.c))) for t in piece]

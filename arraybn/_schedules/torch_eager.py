@@ -30,6 +30,7 @@ from typing import Any
 
 from .._namespace import is_compiling
 from .._reference import Ops, corrected_moments
+from . import pairwise_sum
 
 Array = Any
 
@@ -68,16 +69,6 @@ def _pieces(x: Array, dims: tuple[int, ...]) -> list[tuple[int, int]] | None:
     if step >= rows:
         return None
     return [(i, min(i + step, rows)) for i in range(0, rows, step)]
-
-
-def _pairwise(parts: list[Array]) -> Array:
-    """Partial sums added pairwise, in order: the error grows with the logarithm of their number."""
-    while len(parts) > 1:
-        paired = [parts[i] + parts[i + 1] for i in range(0, len(parts) - 1, 2)]
-        if len(parts) % 2:
-            paired.append(parts[-1])
-        parts = paired
-    return parts[0]
 
 
 class TorchEager(Ops):
@@ -122,7 +113,7 @@ class TorchEager(Ops):
             sums.append(torch.sum(d, dim=dims, keepdim=True))
             d.mul_(d)
             squares.append(torch.sum(d, dim=dims, keepdim=True))
-        return corrected_moments(mean, _pairwise(sums), _pairwise(squares), n, xp)
+        return corrected_moments(mean, pairwise_sum(sums), pairwise_sum(squares), n, xp)
 
     def affine(self, x: Array, scale: Array, shift: Array, center: Array | None, xp: ModuleType) -> Array:
         params = (x, scale, shift) if center is None else (x, scale, shift, center)
