@@ -1,6 +1,7 @@
 """One phase of the benchmark for some backends, in a fresh process; results as JSON.
 
-``python -m benchmarks._worker --phase time|memory --backends numpy,tf --out FILE --warmup N --repeats N``,
+``python -m benchmarks._worker --phase time|memory --backends numpy,tf --out FILE --warmup N --repeats N
+--schedule NAME``,
 run from the repository root. ``python -m benchmarks`` starts it:
 
 * for the memory phase of every backend, so that glibc's allocator is pinned
@@ -25,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--schedule", default="auto")
     args = p.parse_args(argv)
     if args.phase == "memory":
         from ._measure import pin_malloc
@@ -36,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     from .run import collect_targets, run_phase
 
     targets, skipped = collect_targets(args.backends.split(","))
-    results = run_phase(targets, args.phase, warmup=args.warmup, repeats=args.repeats)
+    results = run_phase(targets, args.phase, warmup=args.warmup, repeats=args.repeats, schedule=args.schedule)
     versions = {}
     for mod in ("numpy", "tensorflow", "tf_keras", "torch", "jax"):
         m = sys.modules.get(mod)

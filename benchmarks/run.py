@@ -54,6 +54,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         ),
     )
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    p.add_argument(
+        "--schedule",
+        default="auto",
+        help="arraybn's schedule for every arraybn row (default auto; reference, or a name from "
+        "arraybn.available_schedules(), e.g. numpy-blocked to time the code without the Numba loops)",
+    )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: benchmarks/results)")
     args = p.parse_args(argv)
     if args.warmup is None:
@@ -72,8 +78,26 @@ def _modes_of(target: Any) -> list[str]:
     return ["copy"] if target.kind == "copy" else list(MODES)
 
 
-def run_phase(targets: list[Any], phase: str, *, warmup: int = 3, repeats: int = 15) -> list[dict[str, Any]]:
-    """``phase="time"``: median of ``repeats`` calls per target, case and mode; ``"memory"``: peak extra bytes."""
+def run_phase(
+    targets: list[Any], phase: str, *, warmup: int = 3, repeats: int = 15, schedule: str = "auto"
+) -> list[dict[str, Any]]:
+    """``phase="time"``: median of ``repeats`` calls per target, case and mode; ``"memory"``: peak extra bytes.
+
+    arraybn's rows run under ``arraybn.schedule(schedule)``.
+    """
+    import contextlib
+
+    try:
+        import arraybn
+    except ImportError:  # the TensorFlow worker's interpreter may not have arraybn
+        setting: Any = contextlib.nullcontext()
+    else:
+        setting = arraybn.schedule(schedule)
+    with setting:
+        return _run_phase(targets, phase, warmup=warmup, repeats=repeats)
+
+
+def _run_phase(targets: list[Any], phase: str, *, warmup: int, repeats: int) -> list[dict[str, Any]]:
     from ._targets import Skip
 
     results: list[dict[str, Any]] = []
@@ -150,7 +174,7 @@ def run_worker(python: str, phase: str, backends: list[str], args: argparse.Name
     fd, tmp = tempfile.mkstemp(suffix=".json")
     os.close(fd)
     cmd = [python, "-m", "benchmarks._worker", "--phase", phase, "--backends", ",".join(backends), "--out", tmp,
-           "--warmup", str(args.warmup), "--repeats", str(args.repeats)]
+           "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--schedule", args.schedule]
     env = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
     try:
@@ -193,7 +217,7 @@ def _commit() -> str:
 def _versions() -> dict[str, str]:
     out = {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": str(os.cpu_count()),
            "cpu": _cpu_model(), "commit": _commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    for mod in ("arraybn", "numpy", "array_api_compat", "torch", "jax", "cupy", "tensorflow", "tf_keras"):
+    for mod in ("arraybn", "numpy", "array_api_compat", "numba", "torch", "jax", "cupy", "tensorflow", "tf_keras"):
         m = sys.modules.get(mod)
         if m is not None:
             out[mod] = str(getattr(m, "__version__", "?"))
@@ -394,8 +418,9 @@ def main(argv: list[str] | None = None) -> int:
     local = [b for b in backends if not (b == "tf" and tf_elsewhere)]
     targets, skipped = collect_targets(local)
     # Phase 1: timings, in this process (TensorFlow in its own interpreter with --tf-python).
-    results = run_phase(targets, "time", warmup=args.warmup, repeats=args.repeats)
+    results = run_phase(targets, "time", warmup=args.warmup, repeats=args.repeats, schedule=args.schedule)
     versions = _versions()  # after the timings: the libraries they imported are listed
+    versions["arraybn schedule (--schedule)"] = args.schedule
     if tf_elsewhere:
         payload = run_worker(args.tf_python, "time", ["tf"], args)
         results += payload["results"]

@@ -167,3 +167,15 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):  # type: igno
     for name in sorted(counts):
         parts = ", ".join(f"{n} {o}" for o, n in sorted(counts[name].items()))
         terminalreporter.write_line(f"{name:>18}: {parts}")
+
+
+@pytest.fixture(autouse=True)
+def _schedules_switched_off_by_a_test_stay_in_that_test():  # type: ignore[no-untyped-def]
+    """A schedule that fails switches itself off for the process (``arraybn._schedules.disable``); the
+    test where that happened fails on the warning, and the next tests start with every schedule on."""
+    from arraybn import _schedules
+
+    before = dict(_schedules._DISABLED)
+    yield
+    _schedules._DISABLED.clear()
+    _schedules._DISABLED.update(before)

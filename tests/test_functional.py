@@ -136,8 +136,13 @@ def test_training_output_has_beta_mean_and_gamma_scale(xp, asarray, shape, seed,
     y = _np(y)
     n = shape[0] * shape[1]
     var = x.var((0, 1))
-    np.testing.assert_allclose(y.mean((0, 1)), beta, atol=1e-4)
-    keep = var > 1e-6 if n > 1 else np.zeros(c, dtype=bool)
+    # the layer sees x rounded to float32: a channel whose values nearly agree (|x| / std large) is
+    # ill-conditioned, its normalized values off by a few float32 ulps of |x| / std
+    with np.errstate(divide="ignore"):
+        conditioning = np.where(var > 0, np.abs(x).max((0, 1)) / np.sqrt(var), 0.0)  # one value: y is beta
+    float32_error = 8 * 2.0**-23 * conditioning
+    np.testing.assert_array_less(np.abs(y.mean((0, 1)) - beta), 1e-4 + float32_error * gamma)
+    keep = (var > 1e-6) & (float32_error < 1e-4) if n > 1 else np.zeros(c, dtype=bool)
     np.testing.assert_allclose(y.std((0, 1))[keep], np.abs(gamma)[keep], rtol=1e-3)
 
 

@@ -53,6 +53,13 @@ SHAPES = [
 LARGE = [((100, 28, 28, 32), 3), ((33, 32, 64, 64), 1)]
 
 
+@pytest.fixture
+def blocked_schedule():  # type: ignore[no-untyped-def]
+    """Layer-level tests of numpy-blocked run under its name ("auto" prefers numba-kernels where Numba is)."""
+    with arraybn.schedule("numpy-blocked"):
+        yield
+
+
 def _reference(x: np.ndarray, channel: int) -> tuple[np.ndarray, np.ndarray]:
     axes = tuple(i for i in range(x.ndim) if i != channel)
     xd = x.astype(np.float64)
@@ -149,6 +156,7 @@ def test_affine_is_bitwise_the_reference(shape, channel, dtype) -> None:  # type
     ("shape", "axis"), [((16, 32, 40, 40), 1), ((16, 24, 24, 32), -1), ((8192, 60), -1), ((2048, 1000), -1)]
 )
 @pytest.mark.parametrize("training", [True, False])
+@pytest.mark.usefixtures("blocked_schedule")
 def test_layers_agree_with_the_reference(shape, axis, training) -> None:  # type: ignore[no-untyped-def]
     rng = np.random.default_rng(6)
     x = (rng.standard_normal(shape) * 2 + 3).astype(np.float32)
@@ -268,6 +276,7 @@ def test_backward_gradient_is_bitwise_the_plain_expression(shape, channel) -> No
     ],
 )
 @pytest.mark.parametrize("training", [True, False])
+@pytest.mark.usefixtures("blocked_schedule")
 def test_backward_agrees_with_the_reference(shape, axis, fused, training) -> None:  # type: ignore[no-untyped-def]
     rng = np.random.default_rng(10)
     x = (rng.standard_normal(shape) * 2 + 3).astype(np.float32)
@@ -360,6 +369,7 @@ def test_threads_work_in_a_forked_child(monkeypatch) -> None:  # type: ignore[no
     np.testing.assert_array_equal(np.asarray(queue.get(timeout=5), np.float32), parent_mean.ravel())
 
 
+@pytest.mark.usefixtures("blocked_schedule")
 def test_blocked_schedule_passes_the_goldens(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """TensorFlow's golden cases through the blocked schedule (they are all below its size threshold).
 
@@ -431,9 +441,20 @@ def test_every_schedule_declares_a_bound_for_each_operation_it_replaces() -> Non
     assert set(declared["numpy-blocked"]) == set(blocked.NumpyBlocked.bounds)
 
 
-def test_select_picks_once_per_library_and_obeys_the_setting() -> None:
+def test_select_picks_once_per_library_and_obeys_the_setting(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     big = np.zeros((64, 64, 64, 4), np.float32)
+    from arraybn._schedules import numba_kernels
+
+    assert select(big, xp).name == ("numba-kernels" if numba_kernels.available() else "numpy-blocked")
+    with arraybn.schedule("numpy-blocked"):
+        assert select(big, xp).name == "numpy-blocked"
+    monkeypatch.setenv("ARRAYBN_NUMBA", "0")  # Numba kept out of "auto"
     assert select(big, xp).name == "numpy-blocked"
+    monkeypatch.setattr(numba_kernels, "available", lambda: False)  # Numba not installed
+    monkeypatch.delenv("ARRAYBN_NUMBA")
+    assert select(big, xp).name == "numpy-blocked"
+    with arraybn.schedule("numba-kernels"):  # asked for but absent: the reference
+        assert select(big, xp) is REFERENCE
     with arraybn.schedule("reference"):
         assert select(big, xp) is REFERENCE
     with arraybn.schedule("cupy-kernels"):  # a schedule made for another library: the reference
@@ -444,16 +465,19 @@ def test_select_picks_once_per_library_and_obeys_the_setting() -> None:
 
 @pytest.mark.parametrize("training", [True, False])
 def test_the_reference_setting_reaches_no_schedule_code(monkeypatch, training) -> None:  # type: ignore[no-untyped-def]
+    from arraybn._schedules import numba_kernels
+
     calls = []
-    original = blocked.layout
+    original, original_numba = blocked.layout, numba_kernels._layout
     monkeypatch.setattr(blocked, "layout", lambda *a: calls.append(a) or original(*a))
+    monkeypatch.setattr(numba_kernels, "_layout", lambda *a: calls.append(a) or original_numba(*a))
     x = np.random.default_rng(20).standard_normal((32, 32, 32, 16)).astype(np.float32)
     layer = arraybn.BatchNormalization()
     with arraybn.schedule("reference"):
         layer(x, training=training)
     assert calls == []
     layer(x, training=training)
-    assert calls  # under "auto" the blocked passes run
+    assert calls  # under "auto" a schedule's passes run
 
 
 # ---------------------------------------------------------------------------
@@ -499,8 +523,13 @@ def _as_namespace(name: str, x: np.ndarray):  # type: ignore[no-untyped-def]
     return jnp.asarray(x)
 
 
-@pytest.mark.parametrize("namespace", _namespaces())
-@pytest.mark.parametrize("schedule", ["auto", "reference"])
+_NAMED = [("numpy", "numpy-blocked"), ("numpy", "numba-kernels"), ("torch", "numba-kernels"), ("torch", "torch-eager")]
+
+
+@pytest.mark.parametrize(
+    ("namespace", "schedule"),
+    [(p.values[0], s) for p in _namespaces() for s in ("auto", "reference")] + _NAMED,
+)
 def test_statistics_keep_the_spread_of_large_mean_inputs(namespace, schedule) -> None:  # type: ignore[no-untyped-def]
     """``1000 + 0.1 * N(0, 1)`` float32, 2**22 values per channel: TF's relative variance error is ~1e-6."""
     rng = np.random.default_rng(21)
@@ -529,7 +558,8 @@ def torch_eager(monkeypatch):  # type: ignore[no-untyped-def]
     from arraybn._schedules import torch_eager as module
 
     monkeypatch.setattr(module, "_PIECE_BYTES", 1 << 16)  # many pieces, even on these small inputs
-    return torch, module.TorchEager(), pytest.importorskip("array_api_compat.torch")
+    with arraybn.schedule("torch-eager"):  # not numba-kernels, which "auto" prefers for CPU tensors
+        yield torch, module.TorchEager(), pytest.importorskip("array_api_compat.torch")
 
 
 @pytest.mark.parametrize(("shape", "channel"), TORCH_SHAPES)
@@ -577,7 +607,7 @@ def test_torch_eager_leaves_autograd_and_compiled_code_to_the_reference(torch_ea
     with torch.no_grad():
         assert module._takes(x)
     assert not module._takes(torch.ones((4, 3), dtype=torch.float16))
-    assert select(torch.ones((4, 3)), txp).name == "torch-eager"
+    assert select(torch.ones((4, 3)), txp).name == "torch-eager"  # under the fixture's setting
     # gradients through the layer on tensors that require them (the reference's expressions)
     layer = arraybn.BatchNormalization()
     x = torch.randn((8, 4, 4, 3), requires_grad=True)

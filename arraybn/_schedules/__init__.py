@@ -12,6 +12,10 @@ setting of `schedule`:
 name                  applies to                                        declared
 ====================  ================================================  ==========================
 ``reference``         everything (the plain Array API expressions)      the reference
+``numba-kernels``     eager C-contiguous NumPy float32/float64 arrays   sums: order (float64);
+                      and torch CPU tensors (outside autograd and       else bitwise
+                      ``torch.compile``) of at least 1 MiB, one
+                      channel axis; needs the optional ``numba``
 ``numpy-blocked``     eager C-contiguous NumPy float32/float64 arrays   sums: order; else bitwise
                       of at least 1 MiB, one channel axis
 ``cupy-kernels``      eager CuPy float32/float64 arrays                 sums: order; else bitwise
@@ -24,7 +28,10 @@ name                  applies to                                        declared
 ``with arraybn.schedule("reference"):`` runs the reference everywhere;
 ``"auto"`` (the default) lets each call take the schedule for its library;
 a schedule's name runs that schedule where it applies and the reference
-elsewhere. ``ARRAYBN_CUDA_KERNELS=0`` keeps the CuPy kernels out of ``"auto"``.
+elsewhere. Under ``"auto"`` a library with several schedules takes the first
+of the table's order that applies (``numba-kernels`` where Numba is installed,
+then ``numpy-blocked`` or ``torch-eager``); ``ARRAYBN_NUMBA=0`` keeps the Numba
+loops out of ``"auto"`` and ``ARRAYBN_CUDA_KERNELS=0`` the CuPy kernels.
 
 A schedule that fails where the reference would not (a CUDA kernel that does
 not compile or launch on the device at hand) is switched off for the rest of
@@ -54,6 +61,7 @@ Array = Any
 
 # name -> (module, class, which arrays it is for)
 _REGISTRY: dict[str, tuple[str, str]] = {
+    "numba-kernels": ("numba_kernels", "NumbaKernels"),
     "numpy-blocked": ("numpy_blocked", "NumpyBlocked"),
     "cupy-kernels": ("cupy_kernels", "CupyKernels"),
     "torch-eager": ("torch_eager", "TorchEager"),
@@ -155,27 +163,36 @@ def pairwise_sum(parts: Sequence[Array]) -> Array:
     return parts[0]
 
 
-def _made_for(x: Array) -> str | None:
-    """The schedule made for ``x``'s library, if any (from the type: no backend is imported)."""
+def _made_for(x: Array) -> list[str]:
+    """The schedules made for ``x``'s library, best first (from the type and device: no backend is imported)."""
     if is_numpy_array(x):
-        name = "numpy-blocked"
+        names = ["numba-kernels", "numpy-blocked"]
     elif is_cupy_array(x):
-        name = None if os.environ.get("ARRAYBN_CUDA_KERNELS", "1") == "0" else "cupy-kernels"
+        names = [] if os.environ.get("ARRAYBN_CUDA_KERNELS", "1") == "0" else ["cupy-kernels"]
     elif is_torch_array(x) and not is_compiling(x):  # torch.compile plans its own passes
-        name = "torch-eager"
+        names = ["numba-kernels", "torch-eager"] if x.device.type == "cpu" else ["torch-eager"]
     elif is_dask_array(x):
-        name = "dask-chunked"
+        names = ["dask-chunked"]
     else:
-        return None
-    return None if name in _DISABLED else name
+        names = []
+    return [n for n in names if n not in _DISABLED and (n != "numba-kernels" or _numba_wanted())]
+
+
+def _numba_wanted() -> bool:
+    """Numba is installed and ``ARRAYBN_NUMBA`` is not "0"."""
+    if os.environ.get("ARRAYBN_NUMBA", "1") == "0":
+        return False
+    from .numba_kernels import available
+
+    return available()
 
 
 def select(x: Array, xp: ModuleType) -> Ops:
     """The operations a call on ``x`` computes with: the reference's, or a schedule's (chosen once per call)."""
-    name = _made_for(x)  # first: a traced torch tensor has no schedule, and compilers cannot read the setting
-    if name is None:
+    names = _made_for(x)  # first: a traced torch tensor has no schedule, and compilers cannot read the setting
+    if not names:
         return REFERENCE
     setting = _SETTING.get()
-    if setting != "auto" and setting != name:
-        return REFERENCE
-    return _instance(name)
+    if setting == "auto":
+        return _instance(names[0])
+    return _instance(setting) if setting in names else REFERENCE

@@ -1,0 +1,643 @@
+"""The reference's bulk operations as compiled CPU loops (Numba), one read of each input per pass.
+
+NumPy evaluates ``(x - center) * scale + shift`` as three ufunc passes; even
+block by block in cache (``numpy_blocked``) each pass costs about as much as a
+copy of the block. A compiled loop does the three operations on a value while
+it is in a register: one read of ``x`` and one write of ``y``, with the same
+three roundings in the same order (no fused multiply-add: Numba compiles
+without floating-point contraction unless asked, and the tests hold every
+elementwise pass to the reference bit for bit). The statistics and the
+backward's sums are loops too:
+
+* every sum is accumulated in float64, whatever the input's dtype, in blocks:
+  no partial sum adds more than `_LEAF` values (rows of a channels-last input,
+  or 8-wide lanes of a channel's row otherwise) before it is added one level
+  up; the reference's float32 partial sums are rounded at every addition, so
+  these totals are at least as accurate;
+* the centred values ``d = x - mean`` are the reference's (rounded in the
+  input's dtype); their squares and the backward's products are formed in
+  float64 from them, exactly;
+* the corrected two-pass statistics (`arraybn._reference.corrected_moments`)
+  are formed in float64 and rounded once.
+
+Where the reference's float32 sums could overflow while float64 ones do not
+(a total beyond 2**120), the operation computes with the reference instead, so
+infinities appear exactly where TensorFlow's float32 arithmetic makes them.
+
+The input is seen as numpy_blocked sees it: ``(A, C, B)`` around one channel
+axis; channels last (``B == 1``) as rows of ``k`` whole channel vectors (at
+least `_ROW_ELEMENTS` elements, so that the loops along a row vectorize) and a
+tail. The rows are cut into at most eight pieces, never depending on the
+thread count, run on numpy_blocked's thread pool (the loops release the GIL);
+the pieces' partial sums are added in piece order: the same bits on any number
+of threads.
+
+Applies to eager, C-contiguous float32/float64 arrays of at least 1 MiB with
+one channel axis: NumPy arrays, and torch CPU tensors outside autograd and
+``torch.compile`` (seen as NumPy arrays without a copy). It needs the optional
+``numba`` package (``pip install "arraybn[fast]"``); without it each library
+keeps its own schedule, and where the loops do not apply (small or strided
+arrays, several channel axes) that schedule computes. The loops are compiled on first use and cached on disk.
+``tests/test_schedules.py`` holds this schedule to the reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from types import ModuleType
+from typing import Any
+
+from .._namespace import is_compiling
+from .._reference import Ops
+from . import numpy_blocked as blocked
+from . import falls_back, pairwise_sum
+
+Array = Any
+
+_LEAF = 64  # values (rows, or 8-wide lanes) added into one partial sum before it moves up a level
+_ROW_ELEMENTS = 1024  # channels-last rows hold at least this many elements (longer rows: fewer loop starts)
+_MIN_BYTES = 1 << 20  # below this the reference's expressions are as fast
+_MIN_INNER = 64  # channels in the middle: shorter runs per channel are left to the reference
+_PIECES = 8  # the rows are cut into at most this many pieces, whatever the thread count
+_OVERFLOW = 2.0**120  # a float64 total beyond this: the reference's float32 sums might overflow
+
+
+def available() -> bool:
+    """True when Numba is installed (it is imported only when the schedule first runs)."""
+    import importlib.util
+
+    return importlib.util.find_spec("numba") is not None
+
+
+@functools.cache
+def kernels() -> Any:
+    """The compiled loops (Numba is imported and the loops compiled here, once per process and dtype)."""
+    import numba
+    import numpy as np
+
+    jit = numba.njit(nogil=True, cache=True, boundscheck=False)
+    # the sums only may be reassociated (vector lanes); no contraction, so no fused multiply-add anywhere
+    sums = numba.njit(nogil=True, cache=True, boundscheck=False, fastmath={"reassoc"})
+
+    # ---- channels last: x is (rows, W); every position j along a row is one channel's lane ----
+    # Each row is added into float64 partial sums of its block of `_LEAF` rows (a loop along the
+    # row: vector lanes, no reassociation); the blocks' partial sums are added into ``out``.
+
+    @jit
+    def add_row(v, s):
+        for j in range(v.shape[0]):
+            s[j] += np.float64(v[j])
+
+    @jit
+    def add_centred_row(v, m, s, q):
+        for j in range(v.shape[0]):
+            d = np.float64(v[j] - m[j])
+            s[j] += d
+            q[j] += d * d
+
+    @jit
+    def add_product_row(v, g, m, s0, s1, s2):
+        for j in range(v.shape[0]):
+            xc = np.float64(v[j] - m[j])
+            gj = np.float64(g[j])
+            s0[j] += xc
+            s1[j] += gj
+            s2[j] += gj * xc
+
+    @jit
+    def rows_sum(x, lo, hi, out):  # out[0, j] += sum of x[lo:hi, j], in float64
+        leaf = np.zeros((1, x.shape[1]), np.float64)
+        for start in range(lo, hi, _LEAF):
+            leaf[:] = 0.0
+            for i in range(start, min(start + _LEAF, hi)):
+                add_row(x[i], leaf[0])
+            out += leaf
+
+    @jit
+    def rows_centred(x, mean, lo, hi, out):  # out[0, j] += sum d, out[1, j] += sum d*d; d = x - mean (x's dtype)
+        leaf = np.zeros((2, x.shape[1]), np.float64)
+        for start in range(lo, hi, _LEAF):
+            leaf[:] = 0.0
+            for i in range(start, min(start + _LEAF, hi)):
+                add_centred_row(x[i], mean, leaf[0], leaf[1])
+            out += leaf
+
+    @jit
+    def rows_backward_sums(x, dy, mean, lo, hi, out):  # sums of xc, dy, dy*xc; xc = x - mean (x's dtype)
+        leaf = np.zeros((3, x.shape[1]), np.float64)
+        for start in range(lo, hi, _LEAF):
+            leaf[:] = 0.0
+            for i in range(start, min(start + _LEAF, hi)):
+                add_product_row(x[i], dy[i], mean, leaf[0], leaf[1], leaf[2])
+            out += leaf
+
+    @jit
+    def rows_affine(x, center, scale, shift, lo, hi, y):  # y = (x - center) * scale + shift, per operation
+        w = x.shape[1]
+        for i in range(lo, hi):
+            for j in range(w):
+                y[i, j] = (x[i, j] - center[j]) * scale[j] + shift[j]
+
+    @jit
+    def rows_scale(x, scale, shift, lo, hi, y):  # y = x * scale + shift, per operation
+        w = x.shape[1]
+        for i in range(lo, hi):
+            for j in range(w):
+                y[i, j] = x[i, j] * scale[j] + shift[j]
+
+    @jit
+    def rows_dx(x, dy, mean, k, p, q, lo, hi, out):  # dy * k + ((x - mean) * p + q), per operation
+        w = x.shape[1]
+        for i in range(lo, hi):
+            for j in range(w):
+                out[i, j] = dy[i, j] * k[j] + ((x[i, j] - mean[j]) * p[j] + q[j])
+
+    # ---- channels in the middle: x is (A * C, B); row r belongs to channel r % C ----
+    # A row is summed in runs of 8 * `_LEAF` values (vector lanes, reassociated within the run);
+    # the runs' totals are added in float64 one after the other.
+
+    @sums
+    def run_sums(v, m):  # sum of float64(v - m), sum of its squares, over one run
+        s, q = 0.0, 0.0
+        for i in range(v.shape[0]):
+            d = np.float64(v[i] - m)
+            s += d
+            q += d * d
+        return s, q
+
+    @sums
+    def run_products(v, g, m):  # sums of xc = float64(v - m), of g, of g * xc, over one run
+        s0, s1, s2 = 0.0, 0.0, 0.0
+        for i in range(v.shape[0]):
+            xc = np.float64(v[i] - m)
+            gi = np.float64(g[i])
+            s0 += xc
+            s1 += gi
+            s2 += gi * xc
+        return s0, s1, s2
+
+    @jit
+    def channel_rows_centred(x, mean, c, lo, hi, out):  # out[0, ch] += sum d, out[1, ch] += sum d*d
+        n = x.shape[1]
+        for r in range(lo, hi):
+            row = x[r]
+            m = mean[r % c]
+            total, squares = 0.0, 0.0
+            for start in range(0, n, 8 * _LEAF):
+                s, q = run_sums(row[start : start + 8 * _LEAF], m)
+                total += s
+                squares += q
+            out[0, r % c] += total
+            out[1, r % c] += squares
+
+    @sums
+    def run_sum(v):  # sum of float64(v) over one run
+        s = 0.0
+        for i in range(v.shape[0]):
+            s += np.float64(v[i])
+        return s
+
+    @jit
+    def channel_rows_sum(x, c, lo, hi, out):  # out[0, ch] += sum of the rows of channel ch
+        n = x.shape[1]
+        for r in range(lo, hi):
+            row = x[r]
+            total = 0.0
+            for start in range(0, n, 8 * _LEAF):
+                total += run_sum(row[start : start + 8 * _LEAF])
+            out[0, r % c] += total
+
+    @jit
+    def channel_rows_backward_sums(x, dy, mean, c, lo, hi, out):  # sums of xc, dy, dy*xc per channel
+        n = x.shape[1]
+        for r in range(lo, hi):
+            row, grad = x[r], dy[r]
+            m = mean[r % c]
+            t0, t1, t2 = 0.0, 0.0, 0.0
+            for start in range(0, n, 8 * _LEAF):
+                s0, s1, s2 = run_products(row[start : start + 8 * _LEAF], grad[start : start + 8 * _LEAF], m)
+                t0 += s0
+                t1 += s1
+                t2 += s2
+            out[0, r % c] += t0
+            out[1, r % c] += t1
+            out[2, r % c] += t2
+
+    @jit
+    def channel_rows_affine(x, center, scale, shift, c, lo, hi, y):
+        n = x.shape[1]
+        for r in range(lo, hi):
+            m, a, b = center[r % c], scale[r % c], shift[r % c]
+            for i in range(n):
+                y[r, i] = (x[r, i] - m) * a + b
+
+    @jit
+    def channel_rows_scale(x, scale, shift, c, lo, hi, y):
+        n = x.shape[1]
+        for r in range(lo, hi):
+            a, b = scale[r % c], shift[r % c]
+            for i in range(n):
+                y[r, i] = x[r, i] * a + b
+
+    @jit
+    def channel_rows_dx(x, dy, mean, k, p, q, c, lo, hi, out):
+        n = x.shape[1]
+        for r in range(lo, hi):
+            ch = r % c
+            m, kc, pc, qc = mean[ch], k[ch], p[ch], q[ch]
+            for i in range(n):
+                out[r, i] = dy[r, i] * kc + ((x[r, i] - m) * pc + qc)
+
+    return dict(locals())
+
+
+# ---------------------------------------------------------------------------
+# Layout and pieces
+# ---------------------------------------------------------------------------
+
+
+class _View:
+    """``x`` (a NumPy array) as the loops see it: channels-last rows and tail, or ``(A * C, B)`` rows."""
+
+    def __init__(self, x: Array, lay: blocked.Layout, np: ModuleType) -> None:
+        self.lay = lay
+        self.last = lay.b == 1
+        if self.last:
+            flat = x.reshape(-1)
+            full = lay.a // lay.k
+            split = full * lay.k * lay.c
+            self.rows = flat[:split].reshape(full, lay.k * lay.c)
+            self.tail = flat[split:].reshape(-1, lay.c) if split < flat.size else None
+        else:
+            self.rows = x.reshape(lay.a * lay.c, lay.b)
+            self.tail = None
+
+    def pieces(self) -> list[tuple[int, int]]:
+        """At most `_PIECES` runs of rows, of near-equal length, cut the same way on any thread count."""
+        n = self.rows.shape[0]
+        count = max(1, min(_PIECES, n))
+        bounds = [n * i // count for i in range(count + 1)]
+        return [(bounds[i], bounds[i + 1]) for i in range(count) if bounds[i] < bounds[i + 1]]
+
+    def tiled(self, v: Array) -> Array:
+        """A ``(C,)`` vector repeated along a channels-last row."""
+        import numpy as np
+
+        return np.ascontiguousarray(np.tile(v, self.lay.k)) if self.last else v
+
+    def fold(self, row_totals: Array, tail_totals: Array | None) -> Array:
+        """Per-row-position float64 totals ``(..., k * C)`` summed to per-channel totals ``(..., C)``."""
+        if not self.last:
+            return row_totals
+        lead = row_totals.shape[:-1]
+        folded = row_totals.reshape(*lead, self.lay.k, self.lay.c).sum(axis=-2)
+        return folded if tail_totals is None else folded + tail_totals
+
+
+def _layout(x: Array, channel: int, np: ModuleType) -> blocked.Layout | None:
+    """The loops' layout of ``x`` (a NumPy array) around ``channel``, or None for the reference."""
+    if not x.flags.c_contiguous or x.dtype not in (np.float32, np.float64) or x.nbytes < _MIN_BYTES:
+        return None
+    shape = tuple(x.shape)
+    a, c, b = math.prod(shape[:channel]), shape[channel], math.prod(shape[channel + 1 :])
+    if a == 0 or c == 0 or b == 0:
+        return None
+    if b == 1:
+        return blocked.Layout(a, c, 1, min(a, -(-_ROW_ELEMENTS // c)))
+    return None if b < _MIN_INNER else blocked.Layout(a, c, b, 1)
+
+
+def _totals(view: _View, run: Any, lanes: int, tail_run: Any) -> Any:
+    """Run ``run(lo, hi, out)`` over the pieces, each into its own float64 ``out`` of ``lanes`` rows, and add
+    the pieces' totals in piece order (pairwise); the tail (channels last) through ``tail_run``."""
+    import numpy as np
+
+    width = view.rows.shape[1] if view.last else view.lay.c
+    shape = (lanes, width)
+
+    def piece(span: tuple[int, int]) -> Any:
+        out = np.zeros(shape, np.float64)
+        run(span[0], span[1], out)
+        return out
+
+    total = pairwise_sum(blocked._parallel(piece, view.pieces()))
+    tail = None
+    if view.tail is not None:
+        tail = np.zeros((lanes, view.lay.c), np.float64)
+        tail_run(tail)
+    return view.fold(total, tail)
+
+
+# ---------------------------------------------------------------------------
+# The operations on NumPy arrays (C-vectors in x's dtype)
+# ---------------------------------------------------------------------------
+
+
+def channel_moments(x: Array, lay: blocked.Layout, np: ModuleType) -> tuple[Array, Array] | None:
+    """Per-channel mean and biased variance, formed in float64 and rounded once; None where float32 could overflow.
+
+    float32: one pass over ``x``, the float64 sums of ``d = x - s`` and
+    ``d ** 2`` around a per-channel shift ``s`` (the float64 mean of the
+    channel's first values): a float32 value minus a float64 one is exact in
+    float64, and so is its square, so the sums carry only float64 rounding
+    and ``mean = s + sum(d) / n``, ``variance = sum(d ** 2) / n - (sum(d) / n) ** 2``
+    lose nothing that float32 can show (the cancellation in the variance costs
+    float64 digits in proportion to ``(mean - s) ** 2 / variance``, near 1 for a
+    shift taken from the data). float64: the reference's corrected two passes
+    with float64 sums.
+    """
+    k = kernels()
+    view = _View(x, lay, np)
+    n = lay.a * lay.b
+    if x.dtype == np.float32:
+        shift = _shift(x, lay, np)
+        d = _centred_totals(view, shift, k)
+        with np.errstate(invalid="ignore", over="ignore"):
+            if _overflows(shift * n + d[0], x.dtype, np) or _overflows(d[1], x.dtype, np):
+                return None
+            c = d[0] / n
+            variance = np.maximum(d[1] / n - c * c, 0.0)
+            return (shift + c).astype(x.dtype), variance.astype(x.dtype)
+    if view.last:
+        sums = _totals(view, lambda lo, hi, out: k["rows_sum"](view.rows, lo, hi, out), 1,
+                       lambda out: k["rows_sum"](view.tail, 0, view.tail.shape[0], out))[0]  # fmt: skip
+    else:
+        sums = _totals(view, lambda lo, hi, out: k["channel_rows_sum"](view.rows, lay.c, lo, hi, out), 1, None)[0]
+    mean = sums / n
+    d = _centred_totals(view, mean, k)
+    with np.errstate(invalid="ignore", over="ignore"):
+        c = d[0] / n
+        c = np.where(np.isfinite(c), c, 0.0)
+        variance = np.maximum(d[1] / n - c * c, 0.0)
+        return (mean + c).astype(x.dtype), variance.astype(x.dtype)
+
+
+def _shift(x: Array, lay: blocked.Layout, np: ModuleType) -> Array:
+    """Per channel, the float64 mean of its first values (up to `_LEAF` channel vectors, or 8 * `_LEAF` values of
+    the first row); 0 where that is not finite, so that infinities and NaN reach the sums as they are."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        if lay.b == 1:
+            first = x.reshape(lay.a, lay.c)[:_LEAF].mean(axis=0, dtype=np.float64)
+        else:
+            first = x.reshape(lay.a, lay.c, lay.b)[0, :, : 8 * _LEAF].mean(axis=1, dtype=np.float64)
+        return np.where(np.isfinite(first), first, 0.0)
+
+
+def _centred_totals(view: _View, center: Array, k: Any) -> Array:
+    """Per channel, the float64 sums of ``d = x - center`` and of ``d ** 2`` (``d`` in ``center``'s dtype)."""
+    if view.last:
+        row_center = view.tiled(center)
+        return _totals(view, lambda lo, hi, out: k["rows_centred"](view.rows, row_center, lo, hi, out), 2,
+                       lambda out: k["rows_centred"](view.tail, center, 0, view.tail.shape[0], out))  # fmt: skip
+    c = view.lay.c
+    return _totals(view, lambda lo, hi, out: k["channel_rows_centred"](view.rows, center, c, lo, hi, out), 2, None)
+
+
+def affine(x: Array, scale: Array, shift: Array, center: Array | None, lay: blocked.Layout, np: ModuleType) -> Array:
+    """``(x - center) * scale + shift`` (``center`` None: ``x * scale + shift``), rounded per operation."""
+    k = kernels()
+    y = np.empty_like(x)
+    src, out = _View(x, lay, np), _View(y, lay, np)
+    if src.last:
+        vectors = [src.tiled(v) for v in (scale, shift)]
+        if center is None:
+            blocked._parallel(lambda s: k["rows_scale"](src.rows, *vectors, s[0], s[1], out.rows), src.pieces())
+            if src.tail is not None:
+                k["rows_scale"](src.tail, scale, shift, 0, src.tail.shape[0], out.tail)
+        else:
+            row_center = src.tiled(center)
+            blocked._parallel(
+                lambda s: k["rows_affine"](src.rows, row_center, *vectors, s[0], s[1], out.rows), src.pieces()
+            )
+            if src.tail is not None:
+                k["rows_affine"](src.tail, center, scale, shift, 0, src.tail.shape[0], out.tail)
+        return y
+    if center is None:
+        blocked._parallel(lambda s: k["channel_rows_scale"](src.rows, scale, shift, lay.c, *s, out.rows), src.pieces())
+    else:
+        blocked._parallel(
+            lambda s: k["channel_rows_affine"](src.rows, center, scale, shift, lay.c, *s, out.rows), src.pieces()
+        )
+    return y
+
+
+def backward_sums(x: Array, dy: Array, mean: Array, lay: blocked.Layout, np: ModuleType) -> list[Array] | None:
+    """Per channel ``sum(x - mean)``, ``sum(dy)``, ``sum(dy * (x - mean))`` in x's dtype; None where float32
+    could overflow."""
+    k = kernels()
+    view, grad = _View(x, lay, np), _View(dy, lay, np)
+    if view.last:
+        row_mean = view.tiled(mean)
+        sums = _totals(view, lambda lo, hi, out: k["rows_backward_sums"](view.rows, grad.rows, row_mean, lo, hi, out),
+                       3, lambda out: k["rows_backward_sums"](view.tail, grad.tail, mean, 0, view.tail.shape[0], out))  # fmt: skip
+    else:
+        sums = _totals(
+            view, lambda lo, hi, out: k["channel_rows_backward_sums"](view.rows, grad.rows, mean, lay.c, lo, hi, out),
+            3, None,
+        )  # fmt: skip
+    if _overflows(sums, x.dtype, np):
+        return None
+    return [s.astype(x.dtype) for s in sums]
+
+
+def backward_dx(x: Array, dy: Array, vectors: Sequence[Array], lay: blocked.Layout, np: ModuleType) -> Array:
+    """``dy * k + ((x - mean) * p + q)`` with per-channel ``mean, k, p, q``, rounded per operation."""
+    kern = kernels()
+    out = np.empty_like(x)
+    src, grad, res = _View(x, lay, np), _View(dy, lay, np), _View(out, lay, np)
+    if src.last:
+        tiled = [src.tiled(v) for v in vectors]
+        blocked._parallel(lambda s: kern["rows_dx"](src.rows, grad.rows, *tiled, s[0], s[1], res.rows), src.pieces())
+        if src.tail is not None:
+            kern["rows_dx"](src.tail, grad.tail, *vectors, 0, src.tail.shape[0], res.tail)
+        return out
+    blocked._parallel(
+        lambda s: kern["channel_rows_dx"](src.rows, grad.rows, *vectors, lay.c, s[0], s[1], res.rows), src.pieces()
+    )
+    return out
+
+
+def _overflows(totals: Array, dtype: Any, np: ModuleType) -> bool:
+    """A float32 input whose float64 totals are so large that the reference's float32 sums might overflow."""
+    if dtype != np.float32:
+        return False
+    with np.errstate(invalid="ignore"):
+        return bool(np.any(np.abs(totals) > _OVERFLOW))
+
+
+# ---------------------------------------------------------------------------
+# The schedule: NumPy arrays and torch CPU tensors seen as NumPy arrays
+# ---------------------------------------------------------------------------
+
+
+def _host(a: Array) -> Array | None:
+    """``a`` as a NumPy array without a copy (NumPy, or a torch CPU tensor this schedule may take), else None.
+
+    A torch tensor is checked from its metadata first (no data is touched) and
+    seen through DLPack, the Array API's zero-copy exchange.
+    """
+    import numpy as np
+
+    if isinstance(a, np.ndarray):
+        return a
+    import array_api_compat
+
+    if not array_api_compat.is_torch_array(a) or a.device.type != "cpu" or is_compiling(a):
+        return None
+    import torch
+
+    if a.requires_grad and torch.is_grad_enabled():  # autograd differentiates the reference's expressions
+        return None
+    if a.dtype not in (torch.float32, torch.float64) or a.is_conj() or a.is_neg() or not a.is_contiguous():
+        return None
+    return np.from_dlpack(a.detach())
+
+
+def _itemsize(x: Array) -> int:
+    size = getattr(x.dtype, "itemsize", None)  # NumPy
+    return int(size) if size is not None else int(x.element_size())  # torch
+
+
+def _back(result: Array, like: Array) -> Array:
+    """A NumPy result in ``like``'s library (a torch tensor shares the memory)."""
+    import numpy as np
+
+    if isinstance(like, np.ndarray):
+        return result
+    import torch
+
+    return torch.from_numpy(result)
+
+
+def _checked(method: Any) -> Any:
+    """`falls_back` (a failure of the loops switches the schedule off), after the thread setting is read: a bad
+    ``ARRAYBN_NUM_THREADS`` is the user's error and raises, as it does in numpy-blocked."""
+    guarded = falls_back(method)
+
+    @functools.wraps(method)
+    def run(self: Ops, *args: Any, **kwargs: Any) -> Any:
+        blocked.thread_count()
+        return guarded(self, *args, **kwargs)
+
+    return run
+
+
+class NumbaKernels(Ops):
+    """Eager, C-contiguous float32/float64 NumPy arrays and torch CPU tensors of at least 1 MiB, one channel axis.
+
+    Compiled loops (module docstring); where they do not apply (small,
+    strided or half-precision arrays, several channel axes), the library's next
+    schedule computes (numpy-blocked for NumPy, torch-eager for torch). The statistics and the backward's sums
+    are the same terms accumulated in float64 in another order (at least as
+    accurate as the reference's float32 sums); the scale-and-shift and the
+    backward's elementwise gradient are the reference's operations, bit for bit.
+    """
+
+    name = "numba-kernels"
+    bounds = {
+        "moments": "sum order",
+        "affine": "bitwise",
+        "backward_sums": "sum order",
+        "backward_dx": "bitwise",
+    }
+
+    def _prepare(self, x: Array, channel: int | None, *others: Array) -> tuple[Any, Array, list[Array]] | None:
+        """NumPy views of ``x`` and ``others`` with the loops' layout, or None for the reference."""
+        import numpy as np
+
+        if channel is None or math.prod(x.shape) * _itemsize(x) < _MIN_BYTES:  # decided before any view is made
+            return None
+        host = _host(x)
+        if host is None:
+            return None
+        lay = _layout(host, channel, np)
+        if lay is None:
+            return None
+        views = [_host(o) for o in others]
+        if any(v is None or v.dtype != host.dtype for v in views):
+            return None
+        return lay, host, views
+
+    def sum(self, x: Array, axes: Sequence[int], xp: ModuleType) -> Array:
+        return _next(x).sum(x, axes, xp)
+
+    @_checked
+    def moments(self, x: Array, axes: Sequence[int], xp: ModuleType) -> tuple[Array, Array]:
+        import numpy as np
+
+        channel = blocked._single_channel(x.shape, axes)
+        prepared = self._prepare(x, channel)
+        result = None if prepared is None else channel_moments(prepared[1], prepared[0], np)
+        if result is None:
+            return _next(x).moments(x, axes, xp)
+        kept = _kept(x.shape, channel)
+        return _back(result[0].reshape(kept), x), _back(result[1].reshape(kept), x)
+
+    @_checked
+    def affine(self, x: Array, scale: Array, shift: Array, center: Array | None, xp: ModuleType) -> Array:
+        import numpy as np
+
+        params = (scale, shift) if center is None else (scale, shift, center)
+        channel = blocked._channel_axis_of(tuple(x.shape), *(tuple(getattr(p, "shape", ())) for p in params))
+        prepared = self._prepare(x, channel, *params)
+        if prepared is None:
+            return _next(x).affine(x, scale, shift, center, xp)
+        lay, host, views = prepared
+        vectors = [_vector(v, _kept(x.shape, channel), np) for v in views]
+        return _back(affine(host, vectors[0], vectors[1], None if center is None else vectors[2], lay, np), x)
+
+    @_checked
+    def backward_sums(
+        self, x: Array, dy: Array, mean: Array, axes: Sequence[int], xp: ModuleType
+    ) -> tuple[Array, Array, Array]:
+        import numpy as np
+
+        channel = blocked._single_channel(x.shape, axes)
+        same = tuple(dy.shape) == tuple(x.shape) and channel is not None
+        kept = _kept(x.shape, channel) if same else None
+        prepared = self._prepare(x, channel, dy, mean) if same and tuple(mean.shape) == kept else None
+        result = None
+        if prepared is not None:
+            lay, host, (grad, m) = prepared
+            result = backward_sums(host, grad, _vector(m, kept, np), lay, np)
+        if result is None:
+            return _next(x).backward_sums(x, dy, mean, axes, xp)
+        return tuple(_back(s.reshape(kept), x) for s in result)  # type: ignore[return-value]
+
+    @_checked
+    def backward_dx(self, x: Array, dy: Array, mean: Array, k: Array, p: Array, q: Array, xp: ModuleType) -> Array:
+        import numpy as np
+
+        params = (mean, k, p, q)
+        channel = blocked._channel_axis_of(tuple(x.shape), *(tuple(getattr(v, "shape", ())) for v in params))
+        same = tuple(dy.shape) == tuple(x.shape)
+        prepared = self._prepare(x, channel, dy, *params) if same else None
+        if prepared is None:
+            return _next(x).backward_dx(x, dy, mean, k, p, q, xp)
+        lay, host, (grad, *vectors) = prepared
+        kept = _kept(x.shape, channel)
+        return _back(backward_dx(host, grad, [_vector(v, kept, np) for v in vectors], lay, np), x)
+
+
+def _next(x: Array) -> Ops:
+    """Where the loops do not apply: the library's next schedule (torch-eager, numpy-blocked)."""
+    from . import _instance
+
+    return _instance("numpy-blocked" if _is_numpy(x) else "torch-eager")
+
+
+def _is_numpy(x: Array) -> bool:
+    import numpy as np
+
+    return isinstance(x, np.ndarray)
+
+
+def _kept(shape: Sequence[int], channel: int) -> tuple[int, ...]:
+    return tuple(n if i == channel else 1 for i, n in enumerate(shape))
+
+
+def _vector(v: Array, kept: tuple[int, ...], np: ModuleType) -> Array:
+    """A keepdims per-channel array as a contiguous ``(C,)`` vector."""
+    return np.ascontiguousarray(np.broadcast_to(v, kept).reshape(-1))

@@ -1,0 +1,336 @@
+"""numba-kernels against the reference: compiled loops for NumPy arrays and torch CPU tensors.
+
+The elementwise passes (scale-and-shift, the backward's gradient) must be the
+reference's bits; the statistics and the backward's sums are accumulated in
+float64, so they must be within rounding of a float64 recomputation and never
+less accurate than the reference's own. Skipped where the optional ``numba``
+package is not installed (``pip install "arraybn[fast]"``; the test extra has it).
+"""
+
+from __future__ import annotations
+
+import tracemalloc
+import warnings
+
+import array_api_compat.numpy as xp
+import numpy as np
+import pytest
+
+import arraybn
+from arraybn import BNConfig, BNParams, BNState, batch_norm_vjp
+from arraybn import _schedules as schedules
+from arraybn._reference import REFERENCE
+from arraybn._schedules import numba_kernels as nk
+from arraybn._schedules import select
+
+pytest.importorskip("numba", reason="the numba-kernels schedule needs the optional numba package")
+
+OPS = nk.NumbaKernels()
+
+# (shape, channel axis): channels last as rows of tiled channel vectors; a prime row count
+# (a tail of channel vectors); long channel vectors; channels in the middle; a 6-D input;
+# runs per channel shorter than 8 values, and a row length that is not a multiple of 8
+SHAPES = [
+    ((16, 28, 28, 32), 3),
+    ((8191, 61), 1),
+    ((1500, 1000), 1),
+    ((8, 32, 40, 40), 1),
+    ((3, 5, 4, 9, 16, 64), 2),
+    ((2, 7, 3, 5), 1),
+    ((4, 6, 523), 1),
+]
+
+
+@pytest.fixture
+def loops(monkeypatch):  # type: ignore[no-untyped-def]
+    """Every input takes the loops (no size threshold); counts the calls that do."""
+    monkeypatch.setattr(nk, "_MIN_BYTES", 0)
+    monkeypatch.setattr(nk, "_MIN_INNER", 1)
+    taken = []
+    original = nk._layout
+
+    def counting(*args):  # type: ignore[no-untyped-def]
+        lay = original(*args)
+        if lay is not None:
+            taken.append(lay)
+        return lay
+
+    monkeypatch.setattr(nk, "_layout", counting)
+    return taken
+
+
+def _axes(shape, channel):  # type: ignore[no-untyped-def]
+    return [i for i in range(len(shape)) if i != channel]
+
+
+def _kept(shape, channel):  # type: ignore[no-untyped-def]
+    return tuple(n if i == channel else 1 for i, n in enumerate(shape))
+
+
+def _float64_moments(x: np.ndarray, channel: int) -> tuple[np.ndarray, np.ndarray]:
+    axes = tuple(_axes(x.shape, channel))
+    xd = x.astype(np.float64)
+    mean = xd.mean(axis=axes, keepdims=True)
+    return mean, ((xd - mean) ** 2).mean(axis=axes, keepdims=True)
+
+
+def _namespace(name: str):  # type: ignore[no-untyped-def]
+    if name == "numpy":
+        return np.asarray, lambda a: np.asarray(a), xp
+    torch = pytest.importorskip("torch")
+    return torch.from_numpy, lambda a: a.numpy(), pytest.importorskip("array_api_compat.torch")
+
+
+@pytest.mark.parametrize("namespace", ["numpy", "torch"])
+@pytest.mark.parametrize(("shape", "channel"), SHAPES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_elementwise_passes_are_bitwise_the_reference(loops, namespace, shape, channel, dtype) -> None:  # type: ignore[no-untyped-def]
+    wrap, unwrap, ns = _namespace(namespace)
+    rng = np.random.default_rng(40)
+    x, dy = (wrap((rng.standard_normal(shape) * 3 + 1e3).astype(dtype)) for _ in range(2))
+    a, b, m, k = (wrap(rng.standard_normal(_kept(shape, channel)).astype(dtype)) for _ in range(4))
+    for center in (None, m):
+        got = OPS.affine(x, a, b, center, ns)
+        assert type(got) is type(x) and got.dtype == x.dtype and tuple(got.shape) == shape
+        np.testing.assert_array_equal(unwrap(got), unwrap(REFERENCE.affine(x, a, b, center, ns)))
+    got = OPS.backward_dx(x, dy, m, k, a, b, ns)
+    np.testing.assert_array_equal(unwrap(got), unwrap(REFERENCE.backward_dx(x, dy, m, k, a, b, ns)))
+    assert len(loops) == 3
+
+
+@pytest.mark.parametrize(("shape", "channel"), SHAPES)
+@pytest.mark.parametrize("offset", [0.0, 1e3])
+def test_float32_moments_are_at_least_as_accurate_as_the_reference(loops, shape, channel, offset) -> None:  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(len(shape) + channel)
+    x = (rng.standard_normal(shape) * 0.5 + offset).astype(np.float32)
+    axes = _axes(shape, channel)
+    true_mean, true_var = _float64_moments(x, channel)
+    mean, variance = OPS.moments(x, axes, xp)
+    assert loops and mean.shape == true_mean.shape and mean.dtype == np.float32
+    ref_mean, ref_var = REFERENCE.moments(x, axes, xp)
+    # float64 sums rounded once: the nearest float32 of the float64 statistics, or next to it
+    np.testing.assert_allclose(mean, true_mean, rtol=1.2e-7, atol=1e-30)
+    np.testing.assert_allclose(variance, true_var, rtol=1.2e-7)
+    assert np.all(np.abs(mean - true_mean) <= np.abs(ref_mean - true_mean) + np.spacing(np.float32(offset + 1)))
+    assert np.max(np.abs(variance / true_var - 1)) <= max(np.max(np.abs(ref_var / true_var - 1)), 1.2e-7)
+
+
+@pytest.mark.parametrize(("shape", "channel"), SHAPES)
+def test_float64_moments_are_exact_to_rounding(loops, shape, channel) -> None:  # type: ignore[no-untyped-def]
+    x = np.random.default_rng(41).standard_normal(shape) + 7.0
+    mean, variance = OPS.moments(x, _axes(shape, channel), xp)
+    true_mean, true_var = _float64_moments(x, channel)
+    assert loops and mean.dtype == np.float64
+    np.testing.assert_allclose(mean, true_mean, rtol=1e-13)  # as numpy-blocked's: float64 sums of 1e4 values
+    np.testing.assert_allclose(variance, true_var, rtol=1e-11)
+
+
+@pytest.mark.parametrize("namespace", ["numpy", "torch"])
+@pytest.mark.parametrize(("shape", "channel"), SHAPES)
+def test_backward_sums_match_a_float64_recomputation(loops, namespace, shape, channel) -> None:  # type: ignore[no-untyped-def]
+    wrap, unwrap, ns = _namespace(namespace)
+    rng = np.random.default_rng(42)
+    x = (rng.standard_normal(shape) + 50).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    mean = (x.astype(np.float64).mean(axis=tuple(_axes(shape, channel)), keepdims=True)).astype(np.float32)
+    got = [unwrap(s) for s in OPS.backward_sums(wrap(x), wrap(dy), wrap(mean), _axes(shape, channel), ns)]
+    assert loops
+    xc = (x - mean).astype(np.float64)  # the reference's centred values, then exact float64 sums
+    axes = tuple(_axes(shape, channel))
+    for value, want in zip(got, (xc.sum(axes, keepdims=True), dy.astype(np.float64).sum(axes, keepdims=True),
+                                 (xc * dy).sum(axes, keepdims=True))):  # fmt: skip
+        assert value.dtype == np.float32 and value.shape == want.shape
+        np.testing.assert_allclose(value, want, rtol=1.2e-7, atol=1e-6)
+
+
+def test_nan_and_inf_reach_the_statistics_as_in_the_reference(loops) -> None:
+    x = np.random.default_rng(43).standard_normal((64, 16, 24, 24)).astype(np.float32)
+    x[3, 2, 5, 7] = np.nan
+    x[0, 9, 0, 0] = np.inf  # inside the values that give the shift
+    x[40, 11, 3, 3] = np.inf  # outside them
+    x[1, 12, 0, 0], x[50, 12, 0, 0] = np.inf, -np.inf
+    for channel_last in (False, True):
+        data = np.ascontiguousarray(np.moveaxis(x, 1, -1)) if channel_last else x
+        channel = 3 if channel_last else 1
+        axes = _axes(data.shape, channel)
+        with np.errstate(invalid="ignore"):  # inf - inf, silent as in TF
+            got = [v.ravel() for v in OPS.moments(data, axes, xp)]
+            want = [v.ravel() for v in REFERENCE.moments(data, axes, xp)]
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_array_equal(np.isnan(g), np.isnan(w))
+            np.testing.assert_array_equal(np.isinf(g), np.isinf(w))
+            finite = np.isfinite(w)
+            np.testing.assert_allclose(g[finite], w[finite], rtol=1e-5)
+        assert np.isnan(got[0][2]) and got[0][9] == np.inf and got[0][11] == np.inf and np.isnan(got[0][12])
+
+
+def test_sums_that_overflow_float32_are_left_to_float32_arithmetic(loops) -> None:
+    x = np.random.default_rng(44).standard_normal((64, 4, 32, 32)).astype(np.float32)
+    x[:, 1] = 3e37  # the channel's float32 sum overflows, its float64 sum does not
+    x[:, 2] *= 1e19  # the squares of the centred values overflow float32
+    axes = [0, 2, 3]
+    with np.errstate(over="ignore", invalid="ignore"):
+        got = [v.ravel() for v in OPS.moments(x, axes, xp)]
+        want = [v.ravel() for v in REFERENCE.moments(x, axes, xp)]
+    assert got[0][1] == np.inf and want[0][1] == np.inf
+    assert not np.isfinite(got[1][1]) and not np.isfinite(want[1][1])
+    assert got[1][2] == np.inf and want[1][2] == np.inf
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g[[0, 3]], w[[0, 3]], rtol=1e-5)
+
+
+@pytest.mark.parametrize(("shape", "channel"), [((16, 28, 28, 32), 3), ((8, 32, 40, 40), 1), ((8191, 61), 1)])
+def test_results_do_not_depend_on_the_thread_count(monkeypatch, loops, shape, channel) -> None:  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(45)
+    x, dy = ((rng.standard_normal(shape) + 3).astype(np.float32) for _ in range(2))
+    v = rng.standard_normal(_kept(shape, channel)).astype(np.float32)
+    axes = _axes(shape, channel)
+
+    def everything() -> list[np.ndarray]:
+        return [*OPS.moments(x, axes, xp), OPS.affine(x, v, v, v, xp), *OPS.backward_sums(x, dy, v, axes, xp),
+                OPS.backward_dx(x, dy, v, v, v, v, xp)]  # fmt: skip
+
+    results = {}
+    for threads in ("1", "2", "3"):
+        monkeypatch.setenv("ARRAYBN_NUM_THREADS", threads)
+        results[threads] = everything()
+    for threads in ("2", "3"):
+        for got, want in zip(results[threads], results["1"], strict=True):
+            np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize(("shape", "channel"), [((256, 28, 28, 32), 3), ((8195, 1024), 1), ((64, 32, 64, 64), 1)])
+def test_no_input_sized_temporary(monkeypatch, shape, channel) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("ARRAYBN_NUM_THREADS", "2")
+    rng = np.random.default_rng(46)
+    x, dy = (rng.standard_normal(shape).astype(np.float32) for _ in range(2))
+    v = np.full(_kept(shape, channel), 1.5, np.float32)
+    axes = _axes(shape, channel)
+    calls = {
+        "moments": lambda: OPS.moments(x, axes, xp),
+        "affine": lambda: OPS.affine(x, v, v, v, xp),
+        "backward_sums": lambda: OPS.backward_sums(x, dy, v, axes, xp),
+        "backward_dx": lambda: OPS.backward_dx(x, dy, v, v, v, v, xp),
+    }
+    for call in calls.values():
+        call()  # compiled, and the allocator warm
+    outputs = {"moments": 0, "affine": x.nbytes, "backward_sums": 0, "backward_dx": x.nbytes}
+    tracemalloc.start()
+    try:
+        for name, call in calls.items():
+            tracemalloc.reset_peak()
+            result = call()
+            _, peak = tracemalloc.get_traced_memory()
+            del result
+            assert peak < outputs[name] + x.nbytes // 16, name  # float64 partial sums only, beside the output
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("namespace", ["numpy", "torch"])
+@pytest.mark.parametrize(("shape", "axis"), [((16, 32, 20, 20), 1), ((16, 24, 24, 32), -1), ((4096, 64), -1)])
+@pytest.mark.parametrize("training", [True, False])
+def test_layers_forward_and_backward_agree_with_the_reference(namespace, shape, axis, training) -> None:  # type: ignore[no-untyped-def]
+    wrap, unwrap, _ = _namespace(namespace)
+    rng = np.random.default_rng(47)
+    x = wrap((rng.standard_normal(shape) * 2 + 300).astype(np.float32))
+    dy = wrap(rng.standard_normal(shape).astype(np.float32))
+    assert select(x, None).name == "numba-kernels"
+
+    def run():  # type: ignore[no-untyped-def]
+        layer = arraybn.BatchNormalization(axis=axis)
+        y, ctx = layer.forward(x, training=training)
+        dx, grads = layer.backward(ctx, dy)
+        return [unwrap(y), *(np.asarray(w) for w in layer.get_weights()), unwrap(dx),
+                *(np.asarray(unwrap(grads[n])) for n in ("gamma", "beta"))]  # fmt: skip
+
+    got = run()
+    with arraybn.schedule("reference"):
+        want = run()
+    if not training:  # y and dx involve no sum: the reference's values; dgamma and dbeta are sums
+        for g, w in zip(got[:6], want[:6], strict=True):
+            np.testing.assert_array_equal(g, w)
+        for g, w in zip(got[6:], want[6:], strict=True):
+            np.testing.assert_allclose(g, w, rtol=2e-5, atol=1e-3)
+        return
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+
+
+def test_backward_vjp_with_the_loops_matches_the_reference() -> None:
+    rng = np.random.default_rng(48)
+    shape, c = (8192, 64), 64
+    x = (rng.standard_normal(shape) * 2 + 3).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    config = BNConfig(axis=(1,), rank=2, param_shape=(c,), fused=False)
+    params = BNParams(rng.uniform(0.5, 2, c).astype(np.float32), rng.standard_normal(c).astype(np.float32))
+    state = BNState(rng.standard_normal(c).astype(np.float32), rng.uniform(0.5, 2, c).astype(np.float32))
+    got = batch_norm_vjp(x, params, state, dy, training=True, config=config)
+    with arraybn.schedule("reference"):
+        want = batch_norm_vjp(x, params, state, dy, training=True, config=config)
+    for name in ("dx", "dgamma", "dbeta"):
+        np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("namespace", ["numpy", "torch"])
+def test_the_loops_pass_the_goldens(loops, namespace) -> None:  # type: ignore[no-untyped-def]
+    """Every 4th forward golden and every gradient golden, every single-channel-axis case through the loops."""
+    from conformance import gradients, runner
+
+    _, _, ns = _namespace(namespace)
+    summary = runner.run(xp=ns, progress=False, stride=4)
+    assert summary.outcomes, "no cases ran"
+    assert not summary.failures, summary.failure_text(limit=40)
+    failures = gradients.check(ns)
+    assert not failures, list(failures.items())[:10]
+    assert len(loops) > 1000
+
+
+def test_torch_tensors_under_autograd_or_half_precision_stay_with_torch() -> None:
+    torch = pytest.importorskip("torch")
+    x = torch.ones((64, 64, 64, 4), requires_grad=True)
+    assert nk._host(x) is None  # autograd differentiates the reference's expressions
+    with torch.no_grad():
+        assert nk._host(x) is not None
+    assert nk._host(torch.ones((4, 3), dtype=torch.float16)) is None
+    layer = arraybn.BatchNormalization()
+    x = torch.randn((64, 32, 32, 16), requires_grad=True)
+    layer(x, training=True).square().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_a_failure_of_the_loops_warns_once_and_the_reference_computes(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(schedules, "_DISABLED", {})
+
+    def broken():  # type: ignore[no-untyped-def]
+        raise OSError("simulated: no compiler")
+
+    monkeypatch.setattr(nk, "kernels", broken)
+    x = (np.random.default_rng(49).standard_normal((64, 32, 32, 16)) + 5).astype(np.float32)
+    layer = arraybn.BatchNormalization()
+    with pytest.warns(RuntimeWarning, match="'numba-kernels' schedule failed") as record:
+        y = layer(x, training=True)
+    assert len(record) == 1
+    with arraybn.schedule("reference"):
+        want_layer = arraybn.BatchNormalization()
+        want = want_layer(x, training=True)
+    np.testing.assert_array_equal(y, want)
+    for got, expected in zip(layer.get_weights(), want_layer.get_weights(), strict=True):
+        np.testing.assert_array_equal(got, expected)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(x, training=True)  # no second warning; the next schedule for NumPy takes over
+    assert select(x, xp).name == "numpy-blocked"
+
+
+def test_a_bad_thread_setting_is_the_users_error(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    x = np.ones((64, 64, 64, 4), np.float32)
+    layer = arraybn.BatchNormalization()
+    layer(x, training=True)
+    before = [w.copy() for w in layer.get_weights()]
+    monkeypatch.setenv("ARRAYBN_NUM_THREADS", "0")
+    with pytest.raises(ValueError, match="ARRAYBN_NUM_THREADS must be a positive integer"):
+        layer(x, training=True)
+    for got, want in zip(layer.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert "numba-kernels" not in schedules.disabled()
