@@ -1,4 +1,4 @@
-"""The reference's bulk operations as compiled CPU loops (Numba), one read of each input per pass.
+"""The reference's bulk operations as compiled CPU loops (Numba): one read of each input per pass.
 
 NumPy evaluates ``(x - center) * scale + shift`` as three ufunc passes; even
 block by block in cache (``numpy_blocked``) each pass costs about as much as a
@@ -7,38 +7,47 @@ it is in a register: one read of ``x`` and one write of ``y``, with the same
 three roundings in the same order (no fused multiply-add: Numba compiles
 without floating-point contraction unless asked, and the tests hold every
 elementwise pass to the reference bit for bit). The statistics and the
-backward's sums are loops too:
+backward's sums are loops too, accumulated in float64 whatever the input's
+dtype, and rounded once:
 
-* every sum is accumulated in float64, whatever the input's dtype, in blocks:
-  no partial sum adds more than `_LEAF` values (rows of a channels-last input,
-  or 8-wide lanes of a channel's row otherwise) before it is added one level
-  up; the reference's float32 partial sums are rounded at every addition, so
-  these totals are at least as accurate;
-* the centred values ``d = x - mean`` are the reference's (rounded in the
-  input's dtype); their squares and the backward's products are formed in
-  float64 from them, exactly;
-* the corrected two-pass statistics (`arraybn._reference.corrected_moments`)
-  are formed in float64 and rounded once.
+* float32 statistics take one pass: the float64 sums of ``d = x - s`` and
+  ``d ** 2`` around a per-channel shift ``s`` (the float64 mean of the
+  channel's first values). A float32 value minus a float64 one, and its
+  square, are exact in float64, so the sums carry float64 rounding only, and
+  ``mean = s + sum(d) / n``, ``variance = sum(d ** 2) / n - (sum(d) / n) ** 2``
+  keep every digit float32 can show (the subtraction costs float64 digits in
+  proportion to ``(mean - s) ** 2 / variance``, near 1 for a shift taken from
+  the data);
+* float64 statistics are the reference's corrected two passes
+  (`arraybn._reference.corrected_moments`) with float64 sums;
+* the backward's three sums take one pass over ``x`` and ``dy``, the centred
+  values rounded as the reference's and the products formed in float64;
+* no partial sum adds more than `_LEAF` terms before it moves up a level
+  (blocks of rows; runs of a channel's row), as the reference's blocked sums,
+  so the float64 totals are at least as accurate as the reference's float32 ones.
 
 Where the reference's float32 sums could overflow while float64 ones do not
-(a total beyond 2**120), the operation computes with the reference instead, so
-infinities appear exactly where TensorFlow's float32 arithmetic makes them.
+(a total beyond 2**120), the statistics are left to the next schedule's
+float32 arithmetic, so infinities appear where TensorFlow's float32 sums make them.
 
 The input is seen as numpy_blocked sees it: ``(A, C, B)`` around one channel
-axis; channels last (``B == 1``) as rows of ``k`` whole channel vectors (at
-least `_ROW_ELEMENTS` elements, so that the loops along a row vectorize) and a
-tail. The rows are cut into at most eight pieces, never depending on the
-thread count, run on numpy_blocked's thread pool (the loops release the GIL);
-the pieces' partial sums are added in piece order: the same bits on any number
-of threads.
+axis. Channels last (``B == 1``) as rows of ``k`` whole channel vectors and a
+tail; each channel position along a row is a vector lane, and the sums add
+four rows at a time into the partial sums of their block. Channels in the
+middle as ``A * C`` rows of ``B`` values, one channel's each, summed in runs
+whose additions may be reassociated (vector lanes). The rows are cut into at
+most eight pieces, never depending on the thread count, run on
+numpy_blocked's thread pool (the loops release the GIL); the pieces' partial
+sums are added in piece order: the same bits on any number of threads.
 
 Applies to eager, C-contiguous float32/float64 arrays of at least 1 MiB with
 one channel axis: NumPy arrays, and torch CPU tensors outside autograd and
-``torch.compile`` (seen as NumPy arrays without a copy). It needs the optional
-``numba`` package (``pip install "arraybn[fast]"``); without it each library
-keeps its own schedule, and where the loops do not apply (small or strided
-arrays, several channel axes) that schedule computes. The loops are compiled on first use and cached on disk.
-``tests/test_schedules.py`` holds this schedule to the reference.
+``torch.compile`` (seen as NumPy arrays through DLPack, without a copy). It
+needs the optional ``numba`` package (``pip install "arraybn[fast]"``);
+without it each library keeps its own schedule, and where the loops do not
+apply (small or strided arrays, several channel axes) that schedule computes.
+The loops are compiled on first use (about a second each) and cached on disk.
+``tests/test_schedule_numba.py`` holds this schedule to the reference.
 """
 
 from __future__ import annotations
@@ -57,7 +66,8 @@ from . import falls_back, pairwise_sum
 Array = Any
 
 _LEAF = 64  # values (rows, or 8-wide lanes) added into one partial sum before it moves up a level
-_ROW_ELEMENTS = 1024  # channels-last rows hold at least this many elements (longer rows: fewer loop starts)
+_SUM_ROW_ELEMENTS = 4096  # channels-last rows of the sums hold at least this many elements (fewer partial-sum updates)
+_MAP_ROW_ELEMENTS = 1024  # and of the elementwise passes (their tiled per-channel vectors stay in the L1 cache)
 _MIN_BYTES = 1 << 20  # below this the reference's expressions are as fast
 _MIN_INNER = 64  # channels in the middle: shorter runs per channel are left to the reference
 _PIECES = 8  # the rows are cut into at most this many pieces, whatever the thread count
@@ -82,55 +92,82 @@ def kernels() -> Any:
     sums = numba.njit(nogil=True, cache=True, boundscheck=False, fastmath={"reassoc"})
 
     # ---- channels last: x is (rows, W); every position j along a row is one channel's lane ----
-    # Each row is added into float64 partial sums of its block of `_LEAF` rows (a loop along the
-    # row: vector lanes, no reassociation); the blocks' partial sums are added into ``out``.
+    # Rows are added four at a time ((r0 + r1) + (r2 + r3), one load and store of the partial sums
+    # per four rows) into float64 partial sums of their block of `_LEAF` rows (a loop along the
+    # rows: vector lanes, no reassociation); the blocks' partial sums are added into ``out``.
 
     @jit
-    def add_row(v, s):
-        for j in range(v.shape[0]):
-            s[j] += np.float64(v[j])
+    def add_rows(v0, v1, v2, v3, s):
+        for j in range(v0.shape[0]):
+            s[j] += (np.float64(v0[j]) + np.float64(v1[j])) + (np.float64(v2[j]) + np.float64(v3[j]))
 
     @jit
-    def add_centred_row(v, m, s, q):
-        for j in range(v.shape[0]):
-            d = np.float64(v[j] - m[j])
-            s[j] += d
-            q[j] += d * d
+    def add_centred_rows(v0, v1, v2, v3, m, s, q):
+        for j in range(v0.shape[0]):
+            mj = m[j]
+            d0 = np.float64(v0[j] - mj)
+            d1 = np.float64(v1[j] - mj)
+            d2 = np.float64(v2[j] - mj)
+            d3 = np.float64(v3[j] - mj)
+            s[j] += (d0 + d1) + (d2 + d3)
+            q[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
 
     @jit
-    def add_product_row(v, g, m, s0, s1, s2):
-        for j in range(v.shape[0]):
-            xc = np.float64(v[j] - m[j])
-            gj = np.float64(g[j])
-            s0[j] += xc
-            s1[j] += gj
-            s2[j] += gj * xc
+    def add_product_rows(v0, v1, g0, g1, m, s0, s1, s2):
+        for j in range(v0.shape[0]):
+            mj = m[j]
+            c0 = np.float64(v0[j] - mj)
+            c1 = np.float64(v1[j] - mj)
+            h0 = np.float64(g0[j])
+            h1 = np.float64(g1[j])
+            s0[j] += c0 + c1
+            s1[j] += h0 + h1
+            s2[j] += h0 * c0 + h1 * c1
 
     @jit
     def rows_sum(x, lo, hi, out):  # out[0, j] += sum of x[lo:hi, j], in float64
         leaf = np.zeros((1, x.shape[1]), np.float64)
+        zero = np.zeros(x.shape[1], x.dtype)
         for start in range(lo, hi, _LEAF):
+            stop = min(start + _LEAF, hi)
             leaf[:] = 0.0
-            for i in range(start, min(start + _LEAF, hi)):
-                add_row(x[i], leaf[0])
+            i = start
+            while i + 4 <= stop:
+                add_rows(x[i], x[i + 1], x[i + 2], x[i + 3], leaf[0])
+                i += 4
+            while i < stop:
+                add_rows(x[i], zero, zero, zero, leaf[0])
+                i += 1
             out += leaf
 
     @jit
-    def rows_centred(x, mean, lo, hi, out):  # out[0, j] += sum d, out[1, j] += sum d*d; d = x - mean (x's dtype)
+    def rows_centred(x, mean, lo, hi, out):  # out[0, j] += sum d, out[1, j] += sum d*d; d = x - mean (mean's dtype)
         leaf = np.zeros((2, x.shape[1]), np.float64)
         for start in range(lo, hi, _LEAF):
+            stop = min(start + _LEAF, hi)
             leaf[:] = 0.0
-            for i in range(start, min(start + _LEAF, hi)):
-                add_centred_row(x[i], mean, leaf[0], leaf[1])
+            i = start
+            while i + 4 <= stop:
+                add_centred_rows(x[i], x[i + 1], x[i + 2], x[i + 3], mean, leaf[0], leaf[1])
+                i += 4
+            while i < stop:  # the last rows: each with three copies of the mean (d = 0, exactly)
+                add_centred_rows(x[i], mean, mean, mean, mean, leaf[0], leaf[1])
+                i += 1
             out += leaf
 
     @jit
     def rows_backward_sums(x, dy, mean, lo, hi, out):  # sums of xc, dy, dy*xc; xc = x - mean (x's dtype)
         leaf = np.zeros((3, x.shape[1]), np.float64)
+        zero = np.zeros(x.shape[1], x.dtype)
         for start in range(lo, hi, _LEAF):
+            stop = min(start + _LEAF, hi)
             leaf[:] = 0.0
-            for i in range(start, min(start + _LEAF, hi)):
-                add_product_row(x[i], dy[i], mean, leaf[0], leaf[1], leaf[2])
+            i = start
+            while i + 2 <= stop:
+                add_product_rows(x[i], x[i + 1], dy[i], dy[i + 1], mean, leaf[0], leaf[1], leaf[2])
+                i += 2
+            if i < stop:  # the last row, with a row of x = mean and dy = 0 (adding exact zeros)
+                add_product_rows(x[i], mean, dy[i], zero, mean, leaf[0], leaf[1], leaf[2])
             out += leaf
 
     @jit
@@ -296,8 +333,9 @@ class _View:
         return folded if tail_totals is None else folded + tail_totals
 
 
-def _layout(x: Array, channel: int, np: ModuleType) -> blocked.Layout | None:
-    """The loops' layout of ``x`` (a NumPy array) around ``channel``, or None for the reference."""
+def _layout(x: Array, channel: int, np: ModuleType, row_elements: int = _SUM_ROW_ELEMENTS) -> blocked.Layout | None:
+    """The loops' layout of ``x`` (a NumPy array) around ``channel`` (channels last: rows of at least
+    ``row_elements``), or None for the reference."""
     if not x.flags.c_contiguous or x.dtype not in (np.float32, np.float64) or x.nbytes < _MIN_BYTES:
         return None
     shape = tuple(x.shape)
@@ -305,7 +343,7 @@ def _layout(x: Array, channel: int, np: ModuleType) -> blocked.Layout | None:
     if a == 0 or c == 0 or b == 0:
         return None
     if b == 1:
-        return blocked.Layout(a, c, 1, min(a, -(-_ROW_ELEMENTS // c)))
+        return blocked.Layout(a, c, 1, min(a, -(-row_elements // c)))
     return None if b < _MIN_INNER else blocked.Layout(a, c, b, 1)
 
 
@@ -543,7 +581,9 @@ class NumbaKernels(Ops):
         "backward_dx": "bitwise",
     }
 
-    def _prepare(self, x: Array, channel: int | None, *others: Array) -> tuple[Any, Array, list[Array]] | None:
+    def _prepare(
+        self, x: Array, channel: int | None, *others: Array, rows: int = _SUM_ROW_ELEMENTS
+    ) -> tuple[Any, Array, list[Array]] | None:
         """NumPy views of ``x`` and ``others`` with the loops' layout, or None for the reference."""
         import numpy as np
 
@@ -552,7 +592,7 @@ class NumbaKernels(Ops):
         host = _host(x)
         if host is None:
             return None
-        lay = _layout(host, channel, np)
+        lay = _layout(host, channel, np, rows)
         if lay is None:
             return None
         views = [_host(o) for o in others]
@@ -581,7 +621,7 @@ class NumbaKernels(Ops):
 
         params = (scale, shift) if center is None else (scale, shift, center)
         channel = blocked._channel_axis_of(tuple(x.shape), *(tuple(getattr(p, "shape", ())) for p in params))
-        prepared = self._prepare(x, channel, *params)
+        prepared = self._prepare(x, channel, *params, rows=_MAP_ROW_ELEMENTS)
         if prepared is None:
             return _next(x).affine(x, scale, shift, center, xp)
         lay, host, views = prepared
@@ -613,7 +653,7 @@ class NumbaKernels(Ops):
         params = (mean, k, p, q)
         channel = blocked._channel_axis_of(tuple(x.shape), *(tuple(getattr(v, "shape", ())) for v in params))
         same = tuple(dy.shape) == tuple(x.shape)
-        prepared = self._prepare(x, channel, dy, *params) if same else None
+        prepared = self._prepare(x, channel, dy, *params, rows=_MAP_ROW_ELEMENTS) if same else None
         if prepared is None:
             return _next(x).backward_dx(x, dy, mean, k, p, q, xp)
         lay, host, (grad, *vectors) = prepared
