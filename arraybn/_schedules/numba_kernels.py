@@ -11,9 +11,9 @@ backward's sums are loops too, accumulated in float64 whatever the input's
 dtype, and rounded once:
 
 * float32 statistics take one pass: the float64 sums of ``d = x - s`` and
-  ``d ** 2`` around a per-channel shift ``s`` (the float64 mean of the
-  channel's first values). A float32 value minus a float64 one, and its
-  square, are exact in float64, so the sums carry float64 rounding only, and
+  ``d ** 2`` around a per-channel float32 shift ``s`` (the mean of the
+  channel's first values). The difference of two float32 values is exact in
+  float64; its square and the sums carry float64 rounding only, and
   ``mean = s + sum(d) / n``, ``variance = sum(d ** 2) / n - (sum(d) / n) ** 2``
   keep every digit float32 can show (the subtraction costs float64 digits in
   proportion to ``(mean - s) ** 2 / variance``, near 1 for a shift taken from
@@ -400,11 +400,11 @@ def channel_moments(x: Array, lay: blocked.Layout, np: ModuleType) -> tuple[Arra
     """Per-channel mean and biased variance, formed in float64 and rounded once; None where float32 could overflow.
 
     float32: one pass over ``x``, the float64 sums of ``d = x - s`` and
-    ``d ** 2`` around a per-channel shift ``s`` (the float64 mean of the
-    channel's first values): a float32 value minus a float64 one is exact in
-    float64, and so is its square, so the sums carry only float64 rounding
-    and ``mean = s + sum(d) / n``, ``variance = sum(d ** 2) / n - (sum(d) / n) ** 2``
-    lose nothing that float32 can show (the cancellation in the variance costs
+    ``d ** 2`` around a per-channel shift ``s`` (a float32 value: the mean of
+    the channel's first values). The difference of two float32 values is exact
+    in float64; its square and the sums carry float64 rounding only, so
+    ``mean = s + sum(d) / n``, ``variance = sum(d ** 2) / n - (sum(d) / n) ** 2``
+    lose nothing that float32 can show (the subtraction in the variance costs
     float64 digits in proportion to ``(mean - s) ** 2 / variance``, near 1 for a
     shift taken from the data). float64: the reference's corrected two passes
     with float64 sums.
@@ -436,13 +436,15 @@ def channel_moments(x: Array, lay: blocked.Layout, np: ModuleType) -> tuple[Arra
 
 
 def _shift(x: Array, lay: blocked.Layout, np: ModuleType) -> Array:
-    """Per channel, the float64 mean of its first values (up to `_LEAF` channel vectors, or 8 * `_LEAF` values of
-    the first row); 0 where that is not finite, so that infinities and NaN reach the sums as they are."""
+    """Per channel, the mean of its first values (up to `_LEAF` channel vectors, or 8 * `_LEAF` values of the
+    first row) rounded to ``x``'s dtype and held in float64; 0 where that is not finite, so that infinities and
+    NaN reach the sums as they are."""
     with np.errstate(invalid="ignore", over="ignore"):
         if lay.b == 1:
             first = x.reshape(lay.a, lay.c)[:_LEAF].mean(axis=0, dtype=np.float64)
         else:
             first = x.reshape(lay.a, lay.c, lay.b)[0, :, : 8 * _LEAF].mean(axis=1, dtype=np.float64)
+        first = first.astype(x.dtype).astype(np.float64)
         return np.where(np.isfinite(first), first, 0.0)
 
 
