@@ -9,8 +9,8 @@ computes the layer's output and moving statistics
   ``docs/semantics.md`` (independent of arraybn), fed the same float32 inputs;
 * with TensorFlow's v1 layer (``--tf-python`` names an interpreter with
   tensorflow and tf-keras, run in a subprocess);
-* with arraybn on every installed namespace, under ``schedule("reference")`` and
-  ``schedule("auto")``;
+* with arraybn on every installed namespace, under ``schedule("reference")``,
+  ``schedule("auto")`` and each schedule made for the namespace by name;
 
 and reports each one's largest error against float64: the output's (absolute;
 the output is of order 1), the moving mean's (absolute) and the moving
@@ -246,6 +246,10 @@ def namespaces(names: list[str]) -> dict[str, Any]:
     return out
 
 
+# every schedule made for a namespace, besides the one "auto" picks (each also runs under its own name)
+_NAMED = {"numpy": ("numpy-blocked", "numba-kernels"), "torch": ("torch-eager", "numba-kernels")}
+
+
 def run_arraybn(case: dict[str, Any], data: dict[str, np.ndarray], convert: Any, schedule: str) -> dict[str, np.ndarray]:
     import arraybn
     from arraybn._namespace import array_device, array_namespace, to_numpy
@@ -281,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         for case, got, ref in zip(CASES, tf_out, refs, strict=True):
             table[case["name"]]["TF"] = errors(got, ref)
     for name, convert in namespaces(args.backends.split(",")).items():
-        for schedule in ("reference", "auto"):
+        for schedule in ("reference", "auto", *_NAMED.get(name, ())):
             for case, data, ref in zip(CASES, datas, refs, strict=True):
                 if name == "array_api_strict" and case.get("mask"):
                     data = {**data, "mask": data["mask"]}
