@@ -592,10 +592,12 @@ class NumbaKernels(Ops):
 
     Compiled loops (module docstring); where they do not apply (small,
     strided or half-precision arrays, several channel axes), the library's next
-    schedule computes (numpy-blocked for NumPy, torch-eager for torch). The statistics and the backward's sums
-    are the same terms accumulated in float64 in another order (at least as
-    accurate as the reference's float32 sums); the scale-and-shift and the
-    backward's elementwise gradient are the reference's operations, bit for bit.
+    schedule computes (numpy-blocked for NumPy, torch-eager for torch). The
+    statistics and the backward's sums are accumulated in float64 and rounded
+    once (float32 statistics in one pass around a per-channel shift): within
+    rounding of the reference's, and at least as accurate; the scale-and-shift
+    and the backward's elementwise gradient are the reference's operations, bit
+    for bit.
     """
 
     name = "numba-kernels"
