@@ -89,9 +89,20 @@ def kernels() -> Any:
     import numba
     import numpy as np
 
-    jit = numba.njit(nogil=True, cache=True, boundscheck=False)
+    def compiler(**options: Any) -> Any:
+        """``numba.njit`` with a disk cache where Numba finds a writable place for one, else without."""
+
+        def compile_(fn: Any) -> Any:
+            try:
+                return numba.njit(nogil=True, cache=True, boundscheck=False, **options)(fn)
+            except RuntimeError:  # "cannot cache function ...: no locator available" (a read-only install)
+                return numba.njit(nogil=True, boundscheck=False, **options)(fn)
+
+        return compile_
+
+    jit = compiler()
     # the sums only may be reassociated (vector lanes); no contraction, so no fused multiply-add anywhere
-    sums = numba.njit(nogil=True, cache=True, boundscheck=False, fastmath={"reassoc"})
+    sums = compiler(fastmath={"reassoc"})
 
     # ---- channels last: x is (rows, W); every position j along a row is one channel's lane ----
     # Rows are added four at a time ((r0 + r1) + (r2 + r3), one load and store of the partial sums
