@@ -22,9 +22,11 @@ dtype, and rounded once:
   (`arraybn._reference.corrected_moments`) with float64 sums;
 * the backward's three sums take one pass over ``x`` and ``dy``, the centred
   values rounded as the reference's and the products formed in float64;
-* no partial sum adds more than `_LEAF` terms before it moves up a level
-  (blocks of rows; runs of a channel's row), as the reference's blocked sums,
-  so the float64 totals are at least as accurate as the reference's float32 ones.
+* the first level of every sum is short: blocks of `_LEAF` rows (channels
+  last), or runs of 8 * `_LEAF` values of a channel's row split over vector
+  lanes; the blocks' and runs' float64 partial sums are then added one after
+  the other, and the pieces' pairwise. With float64 partial sums this is at
+  least as accurate as the reference's float32 blocked sums.
 
 Where the reference's float32 sums could overflow while float64 ones do not
 (a total beyond 2**120), the statistics are left to the next schedule's
