@@ -323,35 +323,6 @@ def test_a_failure_of_the_loops_warns_once_and_the_reference_computes(monkeypatc
     assert select(x, xp).name == "numpy-blocked"
 
 
-def _moments_in_child(queue) -> None:  # type: ignore[no-untyped-def]
-    x = np.random.default_rng(50).standard_normal((64, 64, 64, 4)).astype(np.float32)
-    mean, _ = OPS.moments(x, [0, 1, 2], xp)
-    queue.put(np.asarray(mean).ravel().tolist())
-
-
-@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")  # Python >= 3.12
-@pytest.mark.filterwarnings(r"ignore:os\.fork\(\) was called:RuntimeWarning")  # JAX, when another test imported it
-def test_the_loops_work_in_a_forked_child(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """No Numba threading layer is involved (the pieces run on arraybn's own pool), so a fork is safe."""
-    import multiprocessing
-
-    if "fork" not in multiprocessing.get_all_start_methods():
-        pytest.skip("no fork on this platform")
-    monkeypatch.setenv("ARRAYBN_NUM_THREADS", "2")
-    x = np.random.default_rng(50).standard_normal((64, 64, 64, 4)).astype(np.float32)
-    parent_mean, _ = OPS.moments(x, [0, 1, 2], xp)  # compiled, and the parent's pool exists
-    ctx = multiprocessing.get_context("fork")
-    queue = ctx.Queue()
-    child = ctx.Process(target=_moments_in_child, args=(queue,))
-    child.start()
-    child.join(timeout=60)
-    if child.exitcode is None:
-        child.kill()
-        child.join()
-    assert child.exitcode == 0, "the forked child hung or failed"
-    np.testing.assert_array_equal(np.asarray(queue.get(timeout=5), np.float32), parent_mean.ravel())
-
-
 def test_the_loops_compile_without_a_writable_cache(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     import numba
 
@@ -368,9 +339,9 @@ def test_the_loops_compile_without_a_writable_cache(monkeypatch) -> None:  # typ
     try:
         k = nk.kernels()
         x = np.arange(12, dtype=np.float32).reshape(3, 4)
-        out = np.zeros((1, 4))
-        k["rows_sum"](x, 0, 3, out)
-        np.testing.assert_array_equal(out[0], x.astype(np.float64).sum(axis=0))
+        out = np.zeros((2, 4))
+        k["rows_centred"](x, np.zeros(4), 0, 3, out)
+        np.testing.assert_array_equal(out, [x.astype(np.float64).sum(axis=0), (x.astype(np.float64) ** 2).sum(axis=0)])
     finally:
         nk.kernels.cache_clear()
 

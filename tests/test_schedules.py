@@ -341,25 +341,32 @@ def test_thread_count_setting(monkeypatch) -> None:  # type: ignore[no-untyped-d
             np.testing.assert_array_equal(got, want)
 
 
-def _moments_in_child(queue) -> None:  # type: ignore[no-untyped-def]
+def _moments_in_child(queue, ops) -> None:  # type: ignore[no-untyped-def]
     x = np.random.default_rng(14).standard_normal((64, 64, 64, 4)).astype(np.float32)
-    mean, _ = moments(x, [0, 1, 2], xp=xp)
+    mean, _ = ops.moments(x, [0, 1, 2], xp)
     queue.put(np.asarray(mean).ravel().tolist())
 
 
 @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")  # Python >= 3.12
 @pytest.mark.filterwarnings(r"ignore:os\.fork\(\) was called:RuntimeWarning")  # JAX, when another test imported it
-def test_threads_work_in_a_forked_child(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("name", ["numpy-blocked", "numba-kernels"])
+def test_threads_work_in_a_forked_child(monkeypatch, name) -> None:  # type: ignore[no-untyped-def]
+    """The schedules' pool is made anew in a forked child (no Numba threading layer is involved either)."""
     import multiprocessing
 
     if "fork" not in multiprocessing.get_all_start_methods():
         pytest.skip("no fork on this platform")
+    if name == "numba-kernels":
+        pytest.importorskip("numba", reason="the numba-kernels schedule needs the optional numba package")
+    from arraybn._schedules import _instance
+
+    ops = _instance(name)
     monkeypatch.setenv("ARRAYBN_NUM_THREADS", "2")
     x = np.random.default_rng(14).standard_normal((64, 64, 64, 4)).astype(np.float32)
-    parent_mean, _ = moments(x, [0, 1, 2], xp=xp)  # the parent's pool now exists
+    parent_mean, _ = ops.moments(x, [0, 1, 2], xp)  # compiled, and the parent's pool now exists
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
-    child = ctx.Process(target=_moments_in_child, args=(queue,))
+    child = ctx.Process(target=_moments_in_child, args=(queue, ops))
     child.start()
     child.join(timeout=60)
     if child.exitcode is None:

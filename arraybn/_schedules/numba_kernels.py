@@ -112,11 +112,6 @@ def kernels() -> Any:
     # rows: vector lanes, no reassociation); the blocks' partial sums are added into ``out``.
 
     @jit
-    def add_rows(v0, v1, v2, v3, s):
-        for j in range(v0.shape[0]):
-            s[j] += (np.float64(v0[j]) + np.float64(v1[j])) + (np.float64(v2[j]) + np.float64(v3[j]))
-
-    @jit
     def add_centred_rows(v0, v1, v2, v3, m, s, q):
         for j in range(v0.shape[0]):
             mj = m[j]
@@ -138,22 +133,6 @@ def kernels() -> Any:
             s0[j] += c0 + c1
             s1[j] += h0 + h1
             s2[j] += h0 * c0 + h1 * c1
-
-    @jit
-    def rows_sum(x, lo, hi, out):  # out[0, j] += sum of x[lo:hi, j], in float64
-        leaf = np.zeros((1, x.shape[1]), np.float64)
-        zero = np.zeros(x.shape[1], x.dtype)
-        for start in range(lo, hi, _LEAF):
-            stop = min(start + _LEAF, hi)
-            leaf[:] = 0.0
-            i = start
-            while i + 4 <= stop:
-                add_rows(x[i], x[i + 1], x[i + 2], x[i + 3], leaf[0])
-                i += 4
-            while i < stop:
-                add_rows(x[i], zero, zero, zero, leaf[0])
-                i += 1
-            out += leaf
 
     @jit
     def rows_centred(x, mean, lo, hi, out):  # out[0, j] += sum d, out[1, j] += sum d*d; d = x - mean (mean's dtype)
@@ -243,23 +222,6 @@ def kernels() -> Any:
                 squares += q
             out[0, r % c] += total
             out[1, r % c] += squares
-
-    @sums
-    def run_sum(v):  # sum of float64(v) over one run
-        s = 0.0
-        for i in range(v.shape[0]):
-            s += np.float64(v[i])
-        return s
-
-    @jit
-    def channel_rows_sum(x, c, lo, hi, out):  # out[0, ch] += sum of the rows of channel ch
-        n = x.shape[1]
-        for r in range(lo, hi):
-            row = x[r]
-            total = 0.0
-            for start in range(0, n, 8 * _LEAF):
-                total += run_sum(row[start : start + 8 * _LEAF])
-            out[0, r % c] += total
 
     @jit
     def channel_rows_backward_sums(x, dy, mean, c, lo, hi, out):  # sums of xc, dy, dy*xc per channel
@@ -434,12 +396,7 @@ def channel_moments(x: Array, lay: blocked.Layout, np: ModuleType) -> tuple[Arra
             c = d[0] / n
             variance = np.maximum(d[1] / n - c * c, 0.0)
             return (shift + c).astype(x.dtype), variance.astype(x.dtype)
-    if view.last:
-        sums = _totals(view, lambda lo, hi, out: k["rows_sum"](view.rows, lo, hi, out), 1,
-                       lambda out: k["rows_sum"](view.tail, 0, view.tail.shape[0], out))[0]  # fmt: skip
-    else:
-        sums = _totals(view, lambda lo, hi, out: k["channel_rows_sum"](view.rows, lay.c, lo, hi, out), 1, None)[0]
-    mean = sums / n
+    mean = _centred_totals(view, np.zeros(lay.c), k)[0] / n  # the first pass: sums around 0
     d = _centred_totals(view, mean, k)
     with np.errstate(invalid="ignore", over="ignore"):
         c = d[0] / n
