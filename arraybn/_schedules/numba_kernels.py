@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import functools
 import math
-from concurrent.futures import wait
 from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
@@ -324,27 +323,6 @@ def _layout(x: Array, channel: int, np: ModuleType, row_elements: int = _SUM_ROW
     return None if b < _MIN_INNER else blocked.Layout(a, c, b, 1)
 
 
-def _parallel(fn: Any, pieces: Sequence[Any]) -> list[Any]:
-    """``[fn(piece) for piece in pieces]`` on up to ``thread_count()`` threads, the calling thread among them.
-
-    The pieces are split into contiguous groups, one per thread; the caller runs
-    the first group while numpy_blocked's pool runs the others (the loops release
-    the GIL). Which thread runs a piece never changes what the piece computes.
-    """
-    workers = min(blocked.thread_count(), len(pieces))
-    if workers <= 1:
-        return [fn(piece) for piece in pieces]
-    bounds = [len(pieces) * i // workers for i in range(workers + 1)]
-    groups = [pieces[bounds[i] : bounds[i + 1]] for i in range(workers)]
-    pool = blocked._executor(workers - 1)
-    futures = [pool.submit(lambda group: [fn(piece) for piece in group], group) for group in groups[1:]]
-    try:
-        mine = [fn(piece) for piece in groups[0]]
-    finally:
-        wait(futures)  # every piece done (or failed) before anything is returned or raised
-    return mine + [result for f in futures for result in f.result()]
-
-
 def _totals(view: _View, run: Any, lanes: int, tail_run: Any) -> Any:
     """Run ``run(lo, hi, out)`` over the pieces, each into its own float64 ``out`` of ``lanes`` rows, and add
     the pieces' totals in piece order (pairwise); the tail (channels last) through ``tail_run``."""
@@ -358,7 +336,7 @@ def _totals(view: _View, run: Any, lanes: int, tail_run: Any) -> Any:
         run(span[0], span[1], out)
         return out
 
-    total = pairwise_sum(_parallel(piece, view.pieces()))
+    total = pairwise_sum(blocked._parallel(piece, view.pieces()))
     tail = None
     if view.tail is not None:
         tail = np.zeros((lanes, view.lay.c), np.float64)
@@ -436,21 +414,21 @@ def affine(x: Array, scale: Array, shift: Array, center: Array | None, lay: bloc
     if src.last:
         vectors = [src.tiled(v) for v in (scale, shift)]
         if center is None:
-            _parallel(lambda s: k["rows_scale"](src.rows, *vectors, s[0], s[1], out.rows), src.pieces())
+            blocked._parallel(lambda s: k["rows_scale"](src.rows, *vectors, s[0], s[1], out.rows), src.pieces())
             if src.tail is not None:
                 k["rows_scale"](src.tail, scale, shift, 0, src.tail.shape[0], out.tail)
         else:
             row_center = src.tiled(center)
-            _parallel(
+            blocked._parallel(
                 lambda s: k["rows_affine"](src.rows, row_center, *vectors, s[0], s[1], out.rows), src.pieces()
             )
             if src.tail is not None:
                 k["rows_affine"](src.tail, center, scale, shift, 0, src.tail.shape[0], out.tail)
         return y
     if center is None:
-        _parallel(lambda s: k["channel_rows_scale"](src.rows, scale, shift, lay.c, *s, out.rows), src.pieces())
+        blocked._parallel(lambda s: k["channel_rows_scale"](src.rows, scale, shift, lay.c, *s, out.rows), src.pieces())
     else:
-        _parallel(
+        blocked._parallel(
             lambda s: k["channel_rows_affine"](src.rows, center, scale, shift, lay.c, *s, out.rows), src.pieces()
         )
     return y
@@ -482,11 +460,11 @@ def backward_dx(x: Array, dy: Array, vectors: Sequence[Array], lay: blocked.Layo
     src, grad, res = _View(x, lay, np), _View(dy, lay, np), _View(out, lay, np)
     if src.last:
         tiled = [src.tiled(v) for v in vectors]
-        _parallel(lambda s: kern["rows_dx"](src.rows, grad.rows, *tiled, s[0], s[1], res.rows), src.pieces())
+        blocked._parallel(lambda s: kern["rows_dx"](src.rows, grad.rows, *tiled, s[0], s[1], res.rows), src.pieces())
         if src.tail is not None:
             kern["rows_dx"](src.tail, grad.tail, *vectors, 0, src.tail.shape[0], res.tail)
         return out
-    _parallel(
+    blocked._parallel(
         lambda s: kern["channel_rows_dx"](src.rows, grad.rows, *vectors, lay.c, s[0], s[1], res.rows), src.pieces()
     )
     return out

@@ -196,19 +196,30 @@ def _pieces(items: Sequence[T]) -> list[Sequence[T]]:
 
 
 def _parallel(fn: Callable[[P], T], pieces: Sequence[P]) -> list[T]:
-    """``[fn(piece) for piece in pieces]``, on up to :func:`thread_count` threads (NumPy and BLAS release the GIL)."""
+    """``[fn(piece) for piece in pieces]`` on up to :func:`thread_count` threads, the calling thread among them.
+
+    The pieces are split into contiguous groups, one per thread; the caller runs
+    the first group while the pool runs the others (NumPy, BLAS and the Numba
+    loops release the GIL). Which thread runs a piece never changes what the
+    piece computes.
+    """
     workers = min(thread_count(), len(pieces))
     if workers <= 1:
         return [fn(piece) for piece in pieces]
     settings = float_error_settings()  # NaN and inf stay as silent (or not) on the workers as here
 
-    def run(piece: P) -> T:
+    def run(group: Sequence[P]) -> list[T]:
         with settings():
-            return fn(piece)
+            return [fn(piece) for piece in group]
 
-    futures = [_executor(workers).submit(run, piece) for piece in pieces]
-    wait(futures)  # every piece done (or failed) before anything is returned or raised
-    return [f.result() for f in futures]
+    bounds = [len(pieces) * i // workers for i in range(workers + 1)]
+    groups = [pieces[bounds[i] : bounds[i + 1]] for i in range(workers)]
+    futures = [_executor(workers - 1).submit(run, group) for group in groups[1:]]
+    try:
+        mine = [fn(piece) for piece in groups[0]]
+    finally:
+        wait(futures)  # every piece done (or failed) before anything is returned or raised
+    return mine + [result for f in futures for result in f.result()]
 
 
 # ---------------------------------------------------------------------------
