@@ -324,6 +324,40 @@ def test_results_do_not_depend_on_the_thread_count(monkeypatch, shape, channel) 
             np.testing.assert_array_equal(got, want)
 
 
+def test_parallel_pieces_go_to_whichever_thread_is_free(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A thread held up on one piece does not hold up the others: the free threads take the rest; every
+    piece runs once and the results come back in piece order. A failing piece raises on the caller, after
+    every piece already taken has finished."""
+    import time
+
+    monkeypatch.setenv("ARRAYBN_NUM_THREADS", "2")
+    runs: list[tuple[int, str]] = []
+
+    def piece(i: int) -> int:
+        runs.append((i, threading.current_thread().name))
+        if i == 0:
+            time.sleep(0.3)  # the caller takes piece 0 first and is held up on it
+        return i * i
+
+    assert blocked._parallel(piece, list(range(8))) == [i * i for i in range(8)]
+    assert sorted(i for i, _ in runs) == list(range(8))
+    caller = threading.current_thread().name
+    assert [i for i, name in runs if name == caller] == [0]  # the pool thread took all seven others
+
+    done: list[int] = []
+
+    def failing(i: int) -> int:
+        if i == 2:
+            raise KeyError(i)
+        time.sleep(0.01)
+        done.append(i)
+        return i
+
+    with pytest.raises(KeyError):
+        blocked._parallel(failing, list(range(64)))
+    assert len(done) < 63  # the pieces not yet taken were left
+
+
 def test_thread_count_setting(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setenv("ARRAYBN_NUM_THREADS", "3")
     assert blocked.thread_count() == 3

@@ -35,16 +35,17 @@ float32 arithmetic, so infinities appear where TensorFlow's float32 sums make th
 The input is seen as numpy_blocked sees it: ``(A, C, B)`` around one channel
 axis. Channels last (``B == 1``) as rows of ``k`` whole channel vectors and a
 tail; each channel position along a row is a vector lane, and the sums add
-four rows at a time into the partial sums of their block. Channels in the
-middle as ``A * C`` rows of ``B`` values, one channel's each, summed in runs
-whose additions may be reassociated (vector lanes). The rows are cut into at
+eight rows at a time (the statistics; the backward's sums four) into the
+partial sums of their block. Channels in the middle as ``A * C`` rows of ``B``
+values, one channel's each, summed in runs whose additions may be
+reassociated (vector lanes). The rows are cut into at
 most eight pieces, never depending on the thread count, run on the calling
 thread and numpy_blocked's thread pool (the loops release the GIL); the pieces' partial
 sums are added in piece order: the same bits on any number of threads.
 
 Applies to eager, C-contiguous float32/float64 arrays of at least 1 MiB with
 one channel axis: NumPy arrays, and torch CPU tensors outside autograd and
-``torch.compile`` (seen as NumPy arrays through DLPack, without a copy). It
+``torch.compile`` (seen as NumPy arrays on the same memory, without a copy). It
 needs the optional ``numba`` package (``pip install "arraybn[fast]"``);
 without it each library keeps its own schedule, and where the loops do not
 apply (small or strided arrays, several channel axes) that schedule computes.
@@ -106,9 +107,10 @@ def kernels() -> Any:
     sums = compiler(fastmath={"reassoc"})
 
     # ---- channels last: x is (rows, W); every position j along a row is one channel's lane ----
-    # Rows are added four at a time ((r0 + r1) + (r2 + r3), one load and store of the partial sums
-    # per four rows) into float64 partial sums of their block of `_LEAF` rows (a loop along the
-    # rows: vector lanes, no reassociation); the blocks' partial sums are added into ``out``.
+    # Rows are added eight at a time (a tree of pairs, one load and store of the partial sums per
+    # eight rows; the last rows of a piece four or one at a time) into float64 partial sums of their
+    # block of `_LEAF` rows (a loop along the rows: vector lanes, no reassociation); the blocks'
+    # partial sums are added into ``out``.
 
     @jit
     def add_centred_rows(v0, v1, v2, v3, m, s, q):
@@ -120,6 +122,21 @@ def kernels() -> Any:
             d3 = np.float64(v3[j] - mj)
             s[j] += (d0 + d1) + (d2 + d3)
             q[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+
+    @jit
+    def add_centred_rows8(x, i, m, s, q):  # rows i .. i + 7 of x, added as a tree of pairs
+        for j in range(x.shape[1]):
+            mj = m[j]
+            d0 = np.float64(x[i, j] - mj)
+            d1 = np.float64(x[i + 1, j] - mj)
+            d2 = np.float64(x[i + 2, j] - mj)
+            d3 = np.float64(x[i + 3, j] - mj)
+            d4 = np.float64(x[i + 4, j] - mj)
+            d5 = np.float64(x[i + 5, j] - mj)
+            d6 = np.float64(x[i + 6, j] - mj)
+            d7 = np.float64(x[i + 7, j] - mj)
+            s[j] += ((d0 + d1) + (d2 + d3)) + ((d4 + d5) + (d6 + d7))
+            q[j] += ((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)) + ((d4 * d4 + d5 * d5) + (d6 * d6 + d7 * d7))
 
     @jit
     def add_product_rows(v0, v1, g0, g1, m, s0, s1, s2):
@@ -134,12 +151,31 @@ def kernels() -> Any:
             s2[j] += h0 * c0 + h1 * c1
 
     @jit
+    def add_product_rows4(x, dy, i, m, s0, s1, s2):  # rows i .. i + 3 of x and dy, added as a tree of pairs
+        for j in range(x.shape[1]):
+            mj = m[j]
+            c0 = np.float64(x[i, j] - mj)
+            c1 = np.float64(x[i + 1, j] - mj)
+            c2 = np.float64(x[i + 2, j] - mj)
+            c3 = np.float64(x[i + 3, j] - mj)
+            h0 = np.float64(dy[i, j])
+            h1 = np.float64(dy[i + 1, j])
+            h2 = np.float64(dy[i + 2, j])
+            h3 = np.float64(dy[i + 3, j])
+            s0[j] += (c0 + c1) + (c2 + c3)
+            s1[j] += (h0 + h1) + (h2 + h3)
+            s2[j] += (h0 * c0 + h1 * c1) + (h2 * c2 + h3 * c3)
+
+    @jit
     def rows_centred(x, mean, lo, hi, out):  # out[0, j] += sum d, out[1, j] += sum d*d; d = x - mean (mean's dtype)
         leaf = np.zeros((2, x.shape[1]), np.float64)
         for start in range(lo, hi, _LEAF):
             stop = min(start + _LEAF, hi)
             leaf[:] = 0.0
             i = start
+            while i + 8 <= stop:
+                add_centred_rows8(x, i, mean, leaf[0], leaf[1])
+                i += 8
             while i + 4 <= stop:
                 add_centred_rows(x[i], x[i + 1], x[i + 2], x[i + 3], mean, leaf[0], leaf[1])
                 i += 4
@@ -156,6 +192,9 @@ def kernels() -> Any:
             stop = min(start + _LEAF, hi)
             leaf[:] = 0.0
             i = start
+            while i + 4 <= stop:
+                add_product_rows4(x, dy, i, mean, leaf[0], leaf[1], leaf[2])
+                i += 4
             while i + 2 <= stop:
                 add_product_rows(x[i], x[i + 1], dy[i], dy[i + 1], mean, leaf[0], leaf[1], leaf[2])
                 i += 2
@@ -487,7 +526,8 @@ def _host(a: Array) -> Array | None:
     """``a`` as a NumPy array without a copy (NumPy, or a torch CPU tensor this schedule may take), else None.
 
     A torch tensor is checked from its metadata first (no data is touched) and
-    seen through DLPack, the Array API's zero-copy exchange.
+    seen through ``Tensor.numpy`` (zero-copy, as DLPack is, at a fraction of its
+    per-call cost).
     """
     import numpy as np
 
@@ -503,7 +543,7 @@ def _host(a: Array) -> Array | None:
         return None
     if a.dtype not in (torch.float32, torch.float64) or a.is_conj() or a.is_neg() or not a.is_contiguous():
         return None
-    return np.from_dlpack(a.detach())
+    return a.detach().numpy()
 
 
 def _itemsize(x: Array) -> int:

@@ -198,28 +198,44 @@ def _pieces(items: Sequence[T]) -> list[Sequence[T]]:
 def _parallel(fn: Callable[[P], T], pieces: Sequence[P]) -> list[T]:
     """``[fn(piece) for piece in pieces]`` on up to :func:`thread_count` threads, the calling thread among them.
 
-    The pieces are split into contiguous groups, one per thread; the caller runs
-    the first group while the pool runs the others (NumPy, BLAS and the Numba
-    loops release the GIL). Which thread runs a piece never changes what the
-    piece computes.
+    Each thread takes the next piece not yet taken until none is left, so a
+    thread that starts late (a pool thread waking up) or runs slowly (a core
+    shared with other work) does fewer pieces instead of holding up the call.
+    The caller works from its first piece on while the pool's threads wake
+    (NumPy, BLAS and the Numba loops release the GIL). Which thread runs a
+    piece never changes what the piece computes, and the results come back in
+    piece order.
     """
     workers = min(thread_count(), len(pieces))
     if workers <= 1:
         return [fn(piece) for piece in pieces]
     settings = float_error_settings()  # NaN and inf stay as silent (or not) on the workers as here
+    results: list[Any] = [None] * len(pieces)
+    taken = iter(range(len(pieces)))
+    lock = threading.Lock()
+    failed = threading.Event()
 
-    def run(group: Sequence[P]) -> list[T]:
+    def run() -> None:
         with settings():
-            return [fn(piece) for piece in group]
+            while not failed.is_set():
+                with lock:
+                    i = next(taken, None)
+                if i is None:
+                    return
+                try:
+                    results[i] = fn(pieces[i])
+                except BaseException:
+                    failed.set()  # the others stop taking pieces
+                    raise
 
-    bounds = [len(pieces) * i // workers for i in range(workers + 1)]
-    groups = [pieces[bounds[i] : bounds[i + 1]] for i in range(workers)]
-    futures = [_executor(workers - 1).submit(run, group) for group in groups[1:]]
+    futures = [_executor(workers - 1).submit(run) for _ in range(workers - 1)]
     try:
-        mine = [fn(piece) for piece in groups[0]]
+        run()
     finally:
         wait(futures)  # every piece done (or failed) before anything is returned or raised
-    return mine + [result for f in futures for result in f.result()]
+    for f in futures:
+        f.result()  # a worker's failure raises here
+    return results
 
 
 # ---------------------------------------------------------------------------
