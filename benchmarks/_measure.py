@@ -1,4 +1,4 @@
-"""Timing (median of repeated calls after warm-up) and peak-extra-memory measurement.
+"""Timing (medians of repeated calls after warm-up, the functions of a case interleaved) and peak-extra-memory measurement.
 
 Memory methods, chosen per backend by the caller:
 
@@ -34,26 +34,50 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 
-def time_call(fn: Callable[[], Any], *, warmup: int, repeats: int) -> list[float]:
-    """Seconds per call for ``repeats`` calls after ``warmup`` untimed ones (GC off while timing)."""
+def time_interleaved(
+    fns: Sequence[Callable[[], Any]], *, warmup: int, repeats: int
+) -> list[list[float] | BaseException]:
+    """Seconds per call of each of ``fns``, the calls interleaved: round ``r`` calls every function once,
+    starting from the ``r``-th (GC off while timing).
+
+    A machine whose speed drifts (other tenants of a virtual machine, a CPU's
+    clock) then slows every function alike, and the ratios of their medians
+    keep what a run of one function after the other would lose. A function
+    that raises is dropped from later rounds; its entry is the exception.
+    """
+    outcome: list[list[float] | BaseException] = [[] for _ in fns]
     for _ in range(warmup):
-        out = fn()
-        del out
+        for i, fn in enumerate(fns):
+            if isinstance(outcome[i], BaseException):
+                continue
+            try:
+                out = fn()
+                del out
+            except Exception as err:  # noqa: BLE001 - reported in the function's row
+                outcome[i] = err
     gc.collect()
     was_enabled = gc.isenabled()
     gc.disable()
-    times = []
     try:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            out = fn()
-            t1 = time.perf_counter()
-            del out
-            times.append(t1 - t0)
+        for r in range(repeats):
+            for k in range(len(fns)):
+                i = (r + k) % len(fns)
+                times = outcome[i]
+                if isinstance(times, BaseException):
+                    continue
+                try:
+                    t0 = time.perf_counter()
+                    out = fns[i]()
+                    t1 = time.perf_counter()
+                    del out
+                except Exception as err:  # noqa: BLE001
+                    outcome[i] = err
+                    continue
+                times.append(t1 - t0)
     finally:
         if was_enabled:
             gc.enable()
-    return times
+    return outcome
 
 
 def summarize(times: Sequence[float]) -> dict[str, float]:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ._cases import CASES, MODES, make_inputs
-from ._measure import extra_memory, summarize, time_call
+from ._measure import extra_memory, summarize, time_interleaved
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 ALL_BACKENDS = ("numpy", "torch", "torch-cuda", "cupy", "jax", "tf")
@@ -98,11 +98,14 @@ def run_phase(
 
 
 def _run_phase(targets: list[Any], phase: str, *, warmup: int, repeats: int) -> list[dict[str, Any]]:
+    """Every target and mode of a case prepared; then timed interleaved (`time_interleaved`) or measured one
+    after the other (memory)."""
     from ._targets import Skip
 
     results: list[dict[str, Any]] = []
     for case in CASES:
         x, dy = make_inputs(case)
+        ready: list[tuple[dict[str, Any], Any]] = []
         for t in targets:
             for mode in _modes_of(t):
                 row = {
@@ -126,18 +129,28 @@ def _run_phase(targets: list[Any], phase: str, *, warmup: int, repeats: int) -> 
                     row["status"] = f"error: {type(err).__name__}: {err}"
                     continue
                 row["note"] = "; ".join(n for n in (t.note, getattr(fn, "note", "")) if n)
+                if phase == "time":
+                    ready.append((row, fn))
+                    continue
                 try:
-                    if phase == "time":
-                        row.update(summarize(time_call(fn, warmup=warmup, repeats=repeats)))
-                    else:
-                        fn()  # warm-up: first-call allocations (compilation, caches) are not the op's
-                        row["extra_bytes"] = extra_memory(t.memory, fn)
-                        row["memory_method"] = t.memory
+                    fn()  # warm-up: first-call allocations (compilation, caches) are not the op's
+                    row["extra_bytes"] = extra_memory(t.memory, fn)
+                    row["memory_method"] = t.memory
                     row["status"] = "ok"
                 except Exception as err:  # noqa: BLE001
                     row["status"] = f"error: {type(err).__name__}: {err}"
                 del fn
                 print(_progress(row, phase), file=sys.stderr, flush=True)
+        if ready:
+            times = time_interleaved([fn for _, fn in ready], warmup=warmup, repeats=repeats)
+            for (row, _), got in zip(ready, times, strict=True):
+                if isinstance(got, BaseException):
+                    row["status"] = f"error: {type(got).__name__}: {got}"
+                else:
+                    row.update(summarize(got))
+                    row["status"] = "ok"
+                print(_progress(row, phase), file=sys.stderr, flush=True)
+        del ready
     return results
 
 

@@ -57,11 +57,11 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
-from .._namespace import is_compiling
 from .._reference import Ops
 from . import numpy_blocked as blocked
 from . import falls_back, pairwise_sum
@@ -533,17 +533,16 @@ def _host(a: Array) -> Array | None:
 
     if isinstance(a, np.ndarray):
         return a
-    import array_api_compat
-
-    if not array_api_compat.is_torch_array(a) or a.device.type != "cpu" or is_compiling(a):
-        return None
-    import torch
-
-    if a.requires_grad and torch.is_grad_enabled():  # autograd differentiates the reference's expressions
+    torch = sys.modules.get("torch")  # a torch tensor exists only where torch is imported
+    if torch is None or not isinstance(a, torch.Tensor) or not a.is_cpu:
         return None
     if a.dtype not in (torch.float32, torch.float64) or a.is_conj() or a.is_neg() or not a.is_contiguous():
         return None
-    return a.detach().numpy()
+    if a.requires_grad and torch.is_grad_enabled():  # autograd differentiates the reference's expressions
+        return None
+    if torch.compiler.is_compiling():  # torch.compile plans its own passes
+        return None
+    return a.detach().numpy() if a.requires_grad else a.numpy()
 
 
 def _itemsize(x: Array) -> int:
@@ -695,4 +694,6 @@ def _kept(shape: Sequence[int], channel: int) -> tuple[int, ...]:
 
 def _vector(v: Array, kept: tuple[int, ...], np: ModuleType) -> Array:
     """A keepdims per-channel array as a contiguous ``(C,)`` vector."""
+    if v.shape == kept and v.flags.c_contiguous:
+        return v.reshape(-1)  # a view (the broadcast below costs more than the loops' setup)
     return np.ascontiguousarray(np.broadcast_to(v, kept).reshape(-1))
