@@ -98,14 +98,15 @@ def run_phase(
 
 
 def _run_phase(targets: list[Any], phase: str, *, warmup: int, repeats: int) -> list[dict[str, Any]]:
-    """Every target and mode of a case prepared; then timed interleaved (`time_interleaved`) or measured one
-    after the other (memory)."""
+    """Every target and mode of a case prepared; then timed interleaved (`time_interleaved`), the rows of
+    each ``--backends`` name together (a NumPy user's calls do not follow torch's), or measured one after
+    the other (memory)."""
     from ._targets import Skip
 
     results: list[dict[str, Any]] = []
     for case in CASES:
         x, dy = make_inputs(case)
-        ready: list[tuple[dict[str, Any], Any]] = []
+        ready: dict[str, list[tuple[dict[str, Any], Any]]] = {}
         for t in targets:
             for mode in _modes_of(t):
                 row = {
@@ -130,7 +131,7 @@ def _run_phase(targets: list[Any], phase: str, *, warmup: int, repeats: int) -> 
                     continue
                 row["note"] = "; ".join(n for n in (t.note, getattr(fn, "note", "")) if n)
                 if phase == "time":
-                    ready.append((row, fn))
+                    ready.setdefault(t.key, []).append((row, fn))
                     continue
                 try:
                     fn()  # warm-up: first-call allocations (compilation, caches) are not the op's
@@ -141,9 +142,9 @@ def _run_phase(targets: list[Any], phase: str, *, warmup: int, repeats: int) -> 
                     row["status"] = f"error: {type(err).__name__}: {err}"
                 del fn
                 print(_progress(row, phase), file=sys.stderr, flush=True)
-        if ready:
-            times = time_interleaved([fn for _, fn in ready], warmup=warmup, repeats=repeats)
-            for (row, _), got in zip(ready, times, strict=True):
+        for group in ready.values():
+            times = time_interleaved([fn for _, fn in group], warmup=warmup, repeats=repeats)
+            for (row, _), got in zip(group, times, strict=True):
                 if isinstance(got, BaseException):
                     row["status"] = f"error: {type(got).__name__}: {got}"
                 else:
