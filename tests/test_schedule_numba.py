@@ -286,6 +286,119 @@ def test_the_loops_pass_the_goldens(loops, namespace) -> None:  # type: ignore[n
     assert len(loops) > 1000
 
 
+@pytest.fixture
+def torch_openmp(monkeypatch):  # type: ignore[no-untyped-def]
+    """torch with GNU OpenMP on two threads or more; counts the calls whose pieces ran on its threads."""
+    torch = pytest.importorskip("torch")
+    if nk._openmp() is None:
+        pytest.skip("this torch does not run on GNU OpenMP (the pieces stay on arraybn's own threads)")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    monkeypatch.setenv("ARRAYBN_NUM_THREADS", "2")
+    monkeypatch.delenv("ARRAYBN_TORCH_OPENMP", raising=False)
+    taken = []
+    original = nk._torch_threads
+
+    def counting(*args):  # type: ignore[no-untyped-def]
+        ran = original(*args)
+        taken.append(ran)
+        return ran
+
+    monkeypatch.setattr(nk, "_torch_threads", counting)
+    yield taken
+    torch.set_num_threads(threads)
+
+
+def _every_loop_result(x, dy, channel, wrap):  # type: ignore[no-untyped-def]
+    """The four operations of the loops on ``x`` (NumPy) wrapped by ``wrap``, as NumPy arrays."""
+    axes = _axes(x.shape, channel)
+    kept = _kept(x.shape, channel)
+    rng = np.random.default_rng(50)
+    v = [wrap(rng.standard_normal(kept).astype(x.dtype)) for _ in range(4)]
+    tx, tdy = wrap(x), wrap(dy)
+    return [np.asarray(r) for r in (
+        *OPS.moments(tx, axes, None), OPS.affine(tx, v[0], v[1], v[2], None), OPS.affine(tx, v[0], v[1], None, None),
+        *OPS.backward_sums(tx, tdy, v[0], axes, None), OPS.backward_dx(tx, tdy, *v, None),
+    )]  # fmt: skip
+
+
+@pytest.mark.parametrize(("shape", "channel"), SHAPES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_torch_tensors_take_torchs_threads_with_the_same_bits(monkeypatch, loops, torch_openmp, shape, channel, dtype) -> None:  # type: ignore[no-untyped-def]
+    """On torch tensors the pieces run on torch's own OpenMP threads: the same bits as on arraybn's pool
+    (``ARRAYBN_TORCH_OPENMP=0``) and as on NumPy arrays."""
+    import torch
+
+    rng = np.random.default_rng(51)
+    x = (rng.standard_normal(shape) * 3 + 50).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    on_torch = _every_loop_result(x, dy, channel, torch.from_numpy)
+    assert torch_openmp and all(torch_openmp), "the pieces did not run on torch's threads"
+    monkeypatch.setenv("ARRAYBN_TORCH_OPENMP", "0")
+    torch_openmp.clear()
+    on_pool = _every_loop_result(x, dy, channel, torch.from_numpy)
+    assert torch_openmp and not any(torch_openmp)
+    on_numpy = _every_loop_result(x, dy, channel, np.asarray)
+    for a, b, c in zip(on_torch, on_pool, on_numpy, strict=True):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
+
+
+def test_a_failure_of_torchs_threads_warns_once_and_the_pool_computes(monkeypatch, loops, torch_openmp) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    monkeypatch.setitem(nk._OPENMP_STATE, "failed", None)
+
+    def broken(*args):  # type: ignore[no-untyped-def]
+        raise OSError("simulated: GOMP_parallel is missing")
+
+    monkeypatch.setattr(nk, "_body", broken)
+    x = np.random.default_rng(52).standard_normal((64, 32, 32)).astype(np.float32)
+    want = _every_loop_result(x, x, 2, np.asarray)
+    with pytest.warns(RuntimeWarning, match="OpenMP threads failed"):
+        got = _every_loop_result(x, x, 2, torch.from_numpy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        again = _every_loop_result(x, x, 2, torch.from_numpy)
+    for a, b, c in zip(got, again, want, strict=True):
+        np.testing.assert_array_equal(a, c)
+        np.testing.assert_array_equal(b, c)
+    assert not any(torch_openmp)
+    assert "simulated" in nk._OPENMP_STATE["failed"]
+
+
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")  # Python >= 3.12
+@pytest.mark.filterwarnings(r"ignore:os\.fork\(\) was called:RuntimeWarning")
+def test_a_forked_child_keeps_off_torchs_threads(torch_openmp) -> None:  # type: ignore[no-untyped-def]
+    """GNU OpenMP's threads do not survive a fork: a child computes on arraybn's pool, and does not hang."""
+    import multiprocessing
+
+    import torch
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork on this platform")
+    x = torch.from_numpy(np.random.default_rng(53).standard_normal((64, 64, 64, 4)).astype(np.float32))
+    parent_mean, _ = OPS.moments(x, [0, 1, 2], None)  # the parent's OpenMP threads now exist
+    assert torch_openmp and all(torch_openmp)
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_torch_moments_in_child, args=(queue, x))
+    child.start()
+    child.join(timeout=60)
+    if child.exitcode is None:
+        child.kill()
+        child.join()
+    assert child.exitcode == 0, "the forked child hung or failed"
+    forked, mean = queue.get(timeout=5)
+    assert forked
+    np.testing.assert_array_equal(np.asarray(mean, np.float32), parent_mean.numpy().ravel())
+
+
+def _torch_moments_in_child(queue, x) -> None:  # type: ignore[no-untyped-def]
+    mean, _ = OPS.moments(x, [0, 1, 2], None)
+    queue.put((nk._OPENMP_STATE["forked"], mean.numpy().ravel().tolist()))
+
+
 def test_torch_tensors_under_autograd_or_half_precision_stay_with_torch() -> None:
     torch = pytest.importorskip("torch")
     x = torch.ones((64, 64, 64, 4), requires_grad=True)

@@ -38,10 +38,14 @@ tail; each channel position along a row is a vector lane, and the sums add
 eight rows at a time (the statistics; the backward's sums four) into the
 partial sums of their block. Channels in the middle as ``A * C`` rows of ``B``
 values, one channel's each, summed in runs whose additions may be
-reassociated (vector lanes). The rows are cut into at
-most eight pieces, never depending on the thread count, run on the calling
-thread and numpy_blocked's thread pool (the loops release the GIL); the pieces' partial
-sums are added in piece order: the same bits on any number of threads.
+reassociated (vector lanes). The rows are cut into at most eight pieces,
+never depending on the thread count; the pieces' partial sums are added in
+piece order: the same bits on any number of threads. NumPy arrays' pieces run
+on the calling thread and numpy_blocked's thread pool (the loops release the
+GIL); torch tensors' on torch's own OpenMP threads, as one parallel region of
+the GNU OpenMP runtime torch loaded (see "torch's OpenMP threads" below), where
+torch has one and the process is not a forked child; ``ARRAYBN_TORCH_OPENMP=0``
+keeps them on arraybn's pool.
 
 Applies to eager, C-contiguous float32/float64 arrays of at least 1 MiB with
 one channel axis: NumPy arrays, and torch CPU tensors outside autograd and
@@ -49,7 +53,9 @@ one channel axis: NumPy arrays, and torch CPU tensors outside autograd and
 needs the optional ``numba`` package (``pip install "arraybn[fast]"``);
 without it each library keeps its own schedule, and where the loops do not
 apply (small or strided arrays, several channel axes) that schedule computes.
-The loops are compiled on first use (about a second each) and cached on disk.
+The loops are compiled on first use (about a second each) and cached on disk;
+the parallel-region bodies for torch's threads (a third of a second each) are
+compiled once per process.
 ``tests/test_schedule_numba.py`` holds this schedule to the reference.
 """
 
@@ -57,7 +63,9 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import sys
+import warnings
 from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
@@ -326,13 +334,6 @@ class _View:
             self.rows = x.reshape(lay.a * lay.c, lay.b)
             self.tail = None
 
-    def pieces(self) -> list[tuple[int, int]]:
-        """At most `_PIECES` runs of rows, of near-equal length, cut the same way on any thread count."""
-        n = self.rows.shape[0]
-        count = max(1, min(_PIECES, n))
-        bounds = [n * i // count for i in range(count + 1)]
-        return [(bounds[i], bounds[i + 1]) for i in range(count) if bounds[i] < bounds[i + 1]]
-
     def tiled(self, v: Array) -> Array:
         """A ``(C,)`` vector repeated along a channels-last row."""
         import numpy as np
@@ -362,24 +363,202 @@ def _layout(x: Array, channel: int, np: ModuleType, row_elements: int = _SUM_ROW
     return None if b < _MIN_INNER else blocked.Layout(a, c, b, 1)
 
 
-def _totals(view: _View, run: Any, lanes: int, tail_run: Any) -> Any:
-    """Run ``run(lo, hi, out)`` over the pieces, each into its own float64 ``out`` of ``lanes`` rows, and add
-    the pieces' totals in piece order (pairwise); the tail (channels last) through ``tail_run``."""
+def _spans(n: int) -> list[tuple[int, int]]:
+    """``n`` rows cut into at most `_PIECES` runs of near-equal length, the same way on any thread count."""
+    count = max(1, min(_PIECES, n))
+    return [(n * i // count, n * (i + 1) // count) for i in range(count)]
+
+
+def _run_pieces(
+    name: str, n: int, head: tuple[Any, ...], tail: tuple[Any, ...], *, lanes: int = 0, width: int = 0, openmp: bool
+) -> list[Array]:
+    """``kernels()[name](*head, lo, hi, *tail)`` for every piece ``[lo, hi)`` of the ``n`` rows (`_spans`).
+
+    With ``lanes``, each piece sums into its own zeroed float64 ``out`` of
+    shape ``(lanes, width)`` (the kernel's last argument), and the outs are
+    returned in piece order. ``openmp`` (torch tensors): the pieces run on
+    torch's own OpenMP threads where that route is open (`_torch_threads`),
+    else on the calling thread and numpy_blocked's pool. A piece computes the
+    same bits on whichever thread runs it.
+    """
+    import numpy as np
+
+    spans = _spans(n)
+    outs = np.zeros((len(spans), lanes, width), np.float64) if lanes else None
+    if not (openmp and _torch_threads(name, n, len(spans), head, (outs,) if lanes else tail, bool(lanes))):
+        kernel = kernels()[name]
+        if outs is None:
+            blocked._parallel(lambda i: kernel(*head, *spans[i], *tail), range(len(spans)))
+        else:
+            blocked._parallel(lambda i: kernel(*head, *spans[i], outs[i]), range(len(spans)))
+    return [] if outs is None else list(outs)
+
+
+# ---------------------------------------------------------------------------
+# torch's OpenMP threads
+# ---------------------------------------------------------------------------
+# torch runs its CPU operations on OpenMP threads that spin on the cores for a while after each
+# operation (GNU OpenMP's default wait policy). Threads of arraybn's own pool, started right after
+# a torch operation, share the cores with those spinning threads and run at a fraction of their
+# speed. For torch tensors the pieces therefore run as an OpenMP parallel region of the runtime
+# torch itself loaded (GNU OpenMP's ``GOMP_parallel``, the entry point of ``#pragma omp
+# parallel``), on the threads torch's own operations use: a compiled body per loop unpacks the
+# arrays from their addresses and runs piece ``t``, ``t + T``, ... on thread ``t`` of ``T``.
+# The route is closed (and the pool used) without GNU OpenMP in torch, in a forked child (GNU
+# OpenMP's threads do not survive a fork), with ``ARRAYBN_TORCH_OPENMP=0``, or after a failure
+# (one warning).
+
+_OPENMP_STATE: dict[str, Any] = {"forked": False, "failed": None}
+
+
+def _after_fork_in_child() -> None:
+    _OPENMP_STATE["forked"] = True
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+@functools.cache
+def _openmp() -> Any:
+    """torch's GNU OpenMP runtime: ``GOMP_parallel`` and the thread number and count, or None."""
+    import ctypes
+    import types
+
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.backends.openmp.is_available():
+        return None
+    path = _torch_libgomp(os.path.dirname(os.path.abspath(torch.__file__)))
+    if path is None:
+        return None
+    lib = ctypes.CDLL(path)  # the library torch loaded: the same handle
+    parallel = lib.GOMP_parallel
+    parallel.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+    parallel.restype = None
+    number, count = lib.omp_get_thread_num, lib.omp_get_num_threads
+    for f in (number, count):
+        f.argtypes, f.restype = [], ctypes.c_int
+    return types.SimpleNamespace(parallel=parallel, thread_number=number, thread_count=count)
+
+
+def _torch_libgomp(torch_dir: str) -> str | None:
+    """The GNU OpenMP library mapped into this process from torch's installation, or None."""
+    roots = (torch_dir + os.sep, os.path.dirname(torch_dir) + os.sep + "torch.libs" + os.sep)
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split(maxsplit=5)[-1].strip() for line in maps if "gomp" in line}
+    except OSError:  # not Linux
+        return None
+    found = sorted(p for p in paths if p.startswith(roots) and os.path.basename(p).startswith("libgomp"))
+    return found[0] if found else None
+
+
+def _torch_threads(
+    name: str, n: int, count: int, head: tuple[Any, ...], tail: tuple[Any, ...], summing: bool
+) -> bool:
+    """Run the pieces of `_run_pieces` on torch's OpenMP threads; False where that route is closed."""
+    if _OPENMP_STATE["forked"] or _OPENMP_STATE["failed"] or os.environ.get("ARRAYBN_TORCH_OPENMP", "1") == "0":
+        return False
+    import numpy as np
+    import torch
+
+    threads = min(blocked.thread_count(), torch.get_num_threads(), count)
+    if threads < 2:
+        return False
+    try:
+        omp = _openmp()
+        if omp is None:
+            return False
+        args = (*head, *tail)
+        body = _body(name, tuple(_kind(a) for a in args), len(head), summing)
+        data = np.array([n, count, *(v for a in args for v in _slots(a))], np.int64)
+        omp.parallel(body.address, data.ctypes.data, threads, 0)
+    except Exception as error:  # noqa: BLE001 - the route closes; the pool computes
+        _OPENMP_STATE["failed"] = f"{type(error).__name__}: {error}"
+        warnings.warn(
+            f"arraybn: running the numba-kernels loops on torch's OpenMP threads failed ({_OPENMP_STATE['failed']}); "
+            "they run on arraybn's own threads instead (the same results).",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return False
+    return True
+
+
+def _kind(a: Any) -> tuple[Any, ...]:
+    """How a body receives an argument: ``("i",)`` an integer, else ``(ndim, dtype)`` of an array."""
+    return ("i",) if isinstance(a, int) else (a.ndim, a.dtype.str)
+
+
+def _slots(a: Any) -> tuple[int, ...]:
+    """An argument in the body's int64 data: the integer, or an array's address and shape."""
+    if isinstance(a, int):
+        return (a,)
+    assert a.flags.c_contiguous  # the body sees C-ordered memory
+    return (a.ctypes.data, *a.shape)
+
+
+@functools.cache
+def _body(name: str, kinds: tuple[tuple[Any, ...], ...], heads: int, summing: bool) -> Any:
+    """The compiled parallel-region body for kernel ``name`` and argument kinds, compiled once per process
+    (``summing``: the last argument holds one out per piece)."""
+    import numba
+    import numpy as np
+    from numba.core import cgutils
+    from numba.extending import intrinsic
+
+    omp = _openmp()
+
+    @intrinsic
+    def address(typingctx: Any, value: Any) -> Any:
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            return builder.inttoptr(args[0], cgutils.voidptr_t)
+
+        return numba.types.voidptr(value), codegen
+
+    namespace: dict[str, Any] = {
+        "carray": numba.carray, "address": address, "kernel": kernels()[name], "int64": np.int64,
+        "thread_number": omp.thread_number, "thread_count": omp.thread_count,
+    }  # fmt: skip
+    lines, slot, names = [], 2, []
+    for i, kind in enumerate(kinds):
+        if kind == ("i",):
+            lines.append(f"    v{i} = a[{slot}]")
+            slot += 1
+        else:
+            ndim, dtype = kind
+            namespace[f"t{i}"] = np.dtype(dtype).type
+            shape = ", ".join(f"a[{slot + 1 + d}]" for d in range(ndim))
+            lines.append(f"    v{i} = carray(address(a[{slot}]), ({shape},), t{i})")
+            slot += 1 + ndim
+        names.append(f"v{i}")
+    tail = f"{names[heads]}[p]" if summing else ", ".join(names[heads:])
+    source = "\n".join([
+        "def body(data):",
+        f"    a = carray(data, ({slot},), int64)",
+        "    n = a[0]",
+        "    count = a[1]",
+        *lines,
+        "    t = thread_number()",
+        "    threads = thread_count()",
+        "    for p in range(t, count, threads):",
+        f"        kernel({', '.join(names[:heads])}, n * p // count, n * (p + 1) // count, {tail})",
+    ])  # fmt: skip
+    exec(compile(source, f"<arraybn numba-kernels body {name}>", "exec"), namespace)  # noqa: S102 - our own text
+    return numba.cfunc(numba.types.void(numba.types.voidptr), nopython=True)(namespace["body"])
+
+
+def _totals(view: _View, name: str, head: tuple[Any, ...], tail_head: tuple[Any, ...], lanes: int, openmp: bool) -> Any:
+    """``kernels()[name](*head, lo, hi, out)`` over the pieces, each into its own float64 ``out`` of ``lanes``
+    rows, the pieces' totals added in piece order (pairwise); the tail's (channels last) through
+    ``kernels()[name](*tail_head, 0, rows, out)``."""
     import numpy as np
 
     width = view.rows.shape[1] if view.last else view.lay.c
-    shape = (lanes, width)
-
-    def piece(span: tuple[int, int]) -> Any:
-        out = np.zeros(shape, np.float64)
-        run(span[0], span[1], out)
-        return out
-
-    total = pairwise_sum(blocked._parallel(piece, view.pieces()))
+    total = pairwise_sum(_run_pieces(name, view.rows.shape[0], head, (), lanes=lanes, width=width, openmp=openmp))
     tail = None
     if view.tail is not None:
         tail = np.zeros((lanes, view.lay.c), np.float64)
-        tail_run(tail)
+        kernels()[name](*tail_head, 0, view.tail.shape[0], tail)
     return view.fold(total, tail)
 
 
@@ -388,7 +567,7 @@ def _totals(view: _View, run: Any, lanes: int, tail_run: Any) -> Any:
 # ---------------------------------------------------------------------------
 
 
-def channel_moments(x: Array, lay: blocked.Layout, np: ModuleType) -> tuple[Array, Array] | None:
+def channel_moments(x: Array, lay: blocked.Layout, np: ModuleType, openmp: bool = False) -> tuple[Array, Array] | None:
     """Per-channel mean and biased variance, formed in float64 and rounded once; None where float32 could overflow.
 
     float32: one pass over ``x``, the float64 sums of ``d = x - s`` and
@@ -399,22 +578,21 @@ def channel_moments(x: Array, lay: blocked.Layout, np: ModuleType) -> tuple[Arra
     lose nothing that float32 can show (the subtraction in the variance costs
     float64 digits in proportion to ``(mean - s) ** 2 / variance``, near 1 for a
     shift taken from the data). float64: the reference's corrected two passes
-    with float64 sums.
+    with float64 sums. ``openmp``: the pieces may run on torch's threads (`_run_pieces`).
     """
-    k = kernels()
     view = _View(x, lay, np)
     n = lay.a * lay.b
     if x.dtype == np.float32:
         shift = _shift(x, lay, np)
-        d = _centred_totals(view, shift, k)
+        d = _centred_totals(view, shift, openmp)
         with np.errstate(invalid="ignore", over="ignore"):
             if _overflows(shift * n + d[0], x.dtype, np) or _overflows(d[1], x.dtype, np):
                 return None
             c = d[0] / n
             variance = np.maximum(d[1] / n - c * c, 0.0)
             return (shift + c).astype(x.dtype), variance.astype(x.dtype)
-    mean = _centred_totals(view, np.zeros(lay.c), k)[0] / n  # the first pass: sums around 0
-    d = _centred_totals(view, mean, k)
+    mean = _centred_totals(view, np.zeros(lay.c), openmp)[0] / n  # the first pass: sums around 0
+    d = _centred_totals(view, mean, openmp)
     with np.errstate(invalid="ignore", over="ignore"):
         c = d[0] / n
         c = np.where(np.isfinite(c), c, 0.0)
@@ -435,77 +613,67 @@ def _shift(x: Array, lay: blocked.Layout, np: ModuleType) -> Array:
         return np.where(np.isfinite(first), first, 0.0)
 
 
-def _centred_totals(view: _View, center: Array, k: Any) -> Array:
+def _centred_totals(view: _View, center: Array, openmp: bool) -> Array:
     """Per channel, the float64 sums of ``d = x - center`` and of ``d ** 2`` (``d`` in ``center``'s dtype)."""
     if view.last:
-        row_center = view.tiled(center)
-        return _totals(view, lambda lo, hi, out: k["rows_centred"](view.rows, row_center, lo, hi, out), 2,
-                       lambda out: k["rows_centred"](view.tail, center, 0, view.tail.shape[0], out))  # fmt: skip
-    c = view.lay.c
-    return _totals(view, lambda lo, hi, out: k["channel_rows_centred"](view.rows, center, c, lo, hi, out), 2, None)
+        return _totals(view, "rows_centred", (view.rows, view.tiled(center)), (view.tail, center), 2, openmp)
+    return _totals(view, "channel_rows_centred", (view.rows, center, view.lay.c), (), 2, openmp)
 
 
-def affine(x: Array, scale: Array, shift: Array, center: Array | None, lay: blocked.Layout, np: ModuleType) -> Array:
+def affine(
+    x: Array,
+    scale: Array,
+    shift: Array,
+    center: Array | None,
+    lay: blocked.Layout,
+    np: ModuleType,
+    openmp: bool = False,
+) -> Array:
     """``(x - center) * scale + shift`` (``center`` None: ``x * scale + shift``), rounded per operation."""
     k = kernels()
     y = np.empty_like(x)
     src, out = _View(x, lay, np), _View(y, lay, np)
+    vectors = (scale, shift) if center is None else (center, scale, shift)
+    name = "rows_scale" if center is None else "rows_affine"
     if src.last:
-        vectors = [src.tiled(v) for v in (scale, shift)]
-        if center is None:
-            blocked._parallel(lambda s: k["rows_scale"](src.rows, *vectors, s[0], s[1], out.rows), src.pieces())
-            if src.tail is not None:
-                k["rows_scale"](src.tail, scale, shift, 0, src.tail.shape[0], out.tail)
-        else:
-            row_center = src.tiled(center)
-            blocked._parallel(
-                lambda s: k["rows_affine"](src.rows, row_center, *vectors, s[0], s[1], out.rows), src.pieces()
-            )
-            if src.tail is not None:
-                k["rows_affine"](src.tail, center, scale, shift, 0, src.tail.shape[0], out.tail)
+        _run_pieces(name, src.rows.shape[0], (src.rows, *(src.tiled(v) for v in vectors)), (out.rows,), openmp=openmp)
+        if src.tail is not None:
+            k[name](src.tail, *vectors, 0, src.tail.shape[0], out.tail)
         return y
-    if center is None:
-        blocked._parallel(lambda s: k["channel_rows_scale"](src.rows, scale, shift, lay.c, *s, out.rows), src.pieces())
-    else:
-        blocked._parallel(
-            lambda s: k["channel_rows_affine"](src.rows, center, scale, shift, lay.c, *s, out.rows), src.pieces()
-        )
+    _run_pieces(f"channel_{name}", src.rows.shape[0], (src.rows, *vectors, lay.c), (out.rows,), openmp=openmp)
     return y
 
 
-def backward_sums(x: Array, dy: Array, mean: Array, lay: blocked.Layout, np: ModuleType) -> list[Array] | None:
+def backward_sums(
+    x: Array, dy: Array, mean: Array, lay: blocked.Layout, np: ModuleType, openmp: bool = False
+) -> list[Array] | None:
     """Per channel ``sum(x - mean)``, ``sum(dy)``, ``sum(dy * (x - mean))`` in x's dtype; None where float32
     could overflow."""
-    k = kernels()
     view, grad = _View(x, lay, np), _View(dy, lay, np)
     if view.last:
-        row_mean = view.tiled(mean)
-        sums = _totals(view, lambda lo, hi, out: k["rows_backward_sums"](view.rows, grad.rows, row_mean, lo, hi, out),
-                       3, lambda out: k["rows_backward_sums"](view.tail, grad.tail, mean, 0, view.tail.shape[0], out))  # fmt: skip
+        sums = _totals(view, "rows_backward_sums", (view.rows, grad.rows, view.tiled(mean)),
+                       (view.tail, grad.tail, mean), 3, openmp)  # fmt: skip
     else:
-        sums = _totals(
-            view, lambda lo, hi, out: k["channel_rows_backward_sums"](view.rows, grad.rows, mean, lay.c, lo, hi, out),
-            3, None,
-        )  # fmt: skip
+        sums = _totals(view, "channel_rows_backward_sums", (view.rows, grad.rows, mean, lay.c), (), 3, openmp)
     if _overflows(sums, x.dtype, np):
         return None
     return [s.astype(x.dtype) for s in sums]
 
 
-def backward_dx(x: Array, dy: Array, vectors: Sequence[Array], lay: blocked.Layout, np: ModuleType) -> Array:
+def backward_dx(
+    x: Array, dy: Array, vectors: Sequence[Array], lay: blocked.Layout, np: ModuleType, openmp: bool = False
+) -> Array:
     """``dy * k + ((x - mean) * p + q)`` with per-channel ``mean, k, p, q``, rounded per operation."""
-    kern = kernels()
     out = np.empty_like(x)
     src, grad, res = _View(x, lay, np), _View(dy, lay, np), _View(out, lay, np)
     if src.last:
         tiled = [src.tiled(v) for v in vectors]
-        blocked._parallel(lambda s: kern["rows_dx"](src.rows, grad.rows, *tiled, s[0], s[1], res.rows), src.pieces())
+        _run_pieces("rows_dx", src.rows.shape[0], (src.rows, grad.rows, *tiled), (res.rows,), openmp=openmp)
         if src.tail is not None:
-            kern["rows_dx"](src.tail, grad.tail, *vectors, 0, src.tail.shape[0], res.tail)
+            kernels()["rows_dx"](src.tail, grad.tail, *vectors, 0, src.tail.shape[0], res.tail)
         return out
-    blocked._parallel(
-        lambda s: kern["channel_rows_dx"](src.rows, grad.rows, *vectors, lay.c, s[0], s[1], res.rows), src.pieces()
-    )
+    head = (src.rows, grad.rows, *vectors, lay.c)
+    _run_pieces("channel_rows_dx", src.rows.shape[0], head, (res.rows,), openmp=openmp)
     return out
 
 
@@ -623,7 +791,7 @@ class NumbaKernels(Ops):
 
         channel = blocked._single_channel(x.shape, axes)
         prepared = self._prepare(x, channel)
-        result = None if prepared is None else channel_moments(prepared[1], prepared[0], np)
+        result = None if prepared is None else channel_moments(prepared[1], prepared[0], np, not _is_numpy(x))
         if result is None:
             return _next(x).moments(x, axes, xp)
         kept = _kept(x.shape, channel)
@@ -640,7 +808,8 @@ class NumbaKernels(Ops):
             return _next(x).affine(x, scale, shift, center, xp)
         lay, host, views = prepared
         vectors = [_vector(v, _kept(x.shape, channel), np) for v in views]
-        return _back(affine(host, vectors[0], vectors[1], None if center is None else vectors[2], lay, np), x)
+        center_vector = None if center is None else vectors[2]
+        return _back(affine(host, vectors[0], vectors[1], center_vector, lay, np, not _is_numpy(x)), x)
 
     @_checked
     def backward_sums(
@@ -655,7 +824,7 @@ class NumbaKernels(Ops):
         result = None
         if prepared is not None:
             lay, host, (grad, m) = prepared
-            result = backward_sums(host, grad, _vector(m, kept, np), lay, np)
+            result = backward_sums(host, grad, _vector(m, kept, np), lay, np, not _is_numpy(x))
         if result is None:
             return _next(x).backward_sums(x, dy, mean, axes, xp)
         return tuple(_back(s.reshape(kept), x) for s in result)  # type: ignore[return-value]
@@ -672,7 +841,8 @@ class NumbaKernels(Ops):
             return _next(x).backward_dx(x, dy, mean, k, p, q, xp)
         lay, host, (grad, *vectors) = prepared
         kept = _kept(x.shape, channel)
-        return _back(backward_dx(host, grad, [_vector(v, kept, np) for v in vectors], lay, np), x)
+        vectors = [_vector(v, kept, np) for v in vectors]
+        return _back(backward_dx(host, grad, vectors, lay, np, not _is_numpy(x)), x)
 
 
 def _next(x: Array) -> Ops:
