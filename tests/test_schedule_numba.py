@@ -367,6 +367,36 @@ def test_a_failure_of_torchs_threads_warns_once_and_the_pool_computes(monkeypatc
     assert "simulated" in nk._OPENMP_STATE["failed"]
 
 
+def test_several_python_threads_share_torchs_threads(monkeypatch, loops, torch_openmp) -> None:  # type: ignore[no-untyped-def]
+    """Calls from several Python threads at once each open their own OpenMP region: the pool's bits."""
+    import threading
+
+    import torch
+
+    rng = np.random.default_rng(54)
+    inputs = [(rng.standard_normal((16, 24, 24, 32)) * 2 + 5).astype(np.float32) for _ in range(3)]
+    monkeypatch.setenv("ARRAYBN_TORCH_OPENMP", "0")
+    want = [_every_loop_result(x, x, 3, torch.from_numpy) for x in inputs]
+    monkeypatch.setenv("ARRAYBN_TORCH_OPENMP", "1")
+    torch_openmp.clear()
+    wrong: list[int] = []
+
+    def work(i: int) -> None:
+        for _ in range(4):
+            got = _every_loop_result(inputs[i], inputs[i], 3, torch.from_numpy)
+            if not all(np.array_equal(g, w) for g, w in zip(got, want[i], strict=True)):
+                wrong.append(i)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a thread hung"
+    assert not wrong
+    assert torch_openmp and all(torch_openmp)
+
+
 @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")  # Python >= 3.12
 @pytest.mark.filterwarnings(r"ignore:os\.fork\(\) was called:RuntimeWarning")
 def test_a_forked_child_keeps_off_torchs_threads(torch_openmp) -> None:  # type: ignore[no-untyped-def]
