@@ -397,38 +397,6 @@ def test_several_python_threads_share_torchs_threads(monkeypatch, loops, torch_o
     assert torch_openmp and all(torch_openmp)
 
 
-@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")  # Python >= 3.12
-@pytest.mark.filterwarnings(r"ignore:os\.fork\(\) was called:RuntimeWarning")
-def test_a_forked_child_keeps_off_torchs_threads(torch_openmp) -> None:  # type: ignore[no-untyped-def]
-    """GNU OpenMP's threads do not survive a fork: a child computes on arraybn's pool, and does not hang."""
-    import multiprocessing
-
-    import torch
-
-    if "fork" not in multiprocessing.get_all_start_methods():
-        pytest.skip("no fork on this platform")
-    x = torch.from_numpy(np.random.default_rng(53).standard_normal((64, 64, 64, 4)).astype(np.float32))
-    parent_mean, _ = OPS.moments(x, [0, 1, 2], None)  # the parent's OpenMP threads now exist
-    assert torch_openmp and all(torch_openmp)
-    ctx = multiprocessing.get_context("fork")
-    queue = ctx.Queue()
-    child = ctx.Process(target=_torch_moments_in_child, args=(queue, x))
-    child.start()
-    child.join(timeout=60)
-    if child.exitcode is None:
-        child.kill()
-        child.join()
-    assert child.exitcode == 0, "the forked child hung or failed"
-    forked, mean = queue.get(timeout=5)
-    assert forked
-    np.testing.assert_array_equal(np.asarray(mean, np.float32), parent_mean.numpy().ravel())
-
-
-def _torch_moments_in_child(queue, x) -> None:  # type: ignore[no-untyped-def]
-    mean, _ = OPS.moments(x, [0, 1, 2], None)
-    queue.put((nk._OPENMP_STATE["forked"], mean.numpy().ravel().tolist()))
-
-
 def test_torch_tensors_under_autograd_or_half_precision_stay_with_torch() -> None:
     torch = pytest.importorskip("torch")
     x = torch.ones((64, 64, 64, 4), requires_grad=True)

@@ -21,6 +21,7 @@ import tracemalloc
 import array_api_compat.numpy as xp
 import numpy as np
 import pytest
+from array_api_compat import is_torch_array
 
 import arraybn
 from arraybn import BNConfig, BNParams, BNState, batch_norm_vjp
@@ -375,17 +376,21 @@ def test_thread_count_setting(monkeypatch) -> None:  # type: ignore[no-untyped-d
             np.testing.assert_array_equal(got, want)
 
 
-def _moments_in_child(queue, ops) -> None:  # type: ignore[no-untyped-def]
-    x = np.random.default_rng(14).standard_normal((64, 64, 64, 4)).astype(np.float32)
-    mean, _ = ops.moments(x, [0, 1, 2], xp)
-    queue.put(np.asarray(mean).ravel().tolist())
+def _moments_in_child(queue, ops, x) -> None:  # type: ignore[no-untyped-def]
+    from arraybn._schedules import numba_kernels
+
+    mean, _ = ops.moments(x, [0, 1, 2], None if is_torch_array(x) else xp)
+    queue.put((numba_kernels._OPENMP_STATE["forked"], np.asarray(mean).ravel().tolist()))
 
 
 @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")  # Python >= 3.12
 @pytest.mark.filterwarnings(r"ignore:os\.fork\(\) was called:RuntimeWarning")  # JAX, when another test imported it
-@pytest.mark.parametrize("name", ["numpy-blocked", "numba-kernels"])
-def test_threads_work_in_a_forked_child(monkeypatch, name) -> None:  # type: ignore[no-untyped-def]
-    """The schedules' pool is made anew in a forked child (no Numba threading layer is involved either)."""
+@pytest.mark.parametrize(("name", "library"), [("numpy-blocked", "numpy"), ("numba-kernels", "numpy"),
+                                               ("numba-kernels", "torch")])  # fmt: skip
+def test_threads_work_in_a_forked_child(monkeypatch, name, library) -> None:  # type: ignore[no-untyped-def]
+    """The schedules' pool is made anew in a forked child (no Numba threading layer is involved either);
+    torch tensors, whose loops ran on torch's OpenMP threads in the parent, take that pool in the child
+    (GNU OpenMP's threads do not survive a fork: the child would hang)."""
     import multiprocessing
 
     if "fork" not in multiprocessing.get_all_start_methods():
@@ -397,17 +402,33 @@ def test_threads_work_in_a_forked_child(monkeypatch, name) -> None:  # type: ign
     ops = _instance(name)
     monkeypatch.setenv("ARRAYBN_NUM_THREADS", "2")
     x = np.random.default_rng(14).standard_normal((64, 64, 64, 4)).astype(np.float32)
-    parent_mean, _ = ops.moments(x, [0, 1, 2], xp)  # compiled, and the parent's pool now exists
-    ctx = multiprocessing.get_context("fork")
-    queue = ctx.Queue()
-    child = ctx.Process(target=_moments_in_child, args=(queue, ops))
-    child.start()
-    child.join(timeout=60)
-    if child.exitcode is None:
-        child.kill()
-        child.join()
+    if library == "torch":
+        torch = pytest.importorskip("torch")
+        from arraybn._schedules import numba_kernels
+
+        if numba_kernels._openmp() is None:
+            pytest.skip("this torch does not run on GNU OpenMP")
+        monkeypatch.delenv("ARRAYBN_TORCH_OPENMP", raising=False)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(2)
+        x = torch.from_numpy(x)
+    try:
+        parent_mean, _ = ops.moments(x, [0, 1, 2], None if library == "torch" else xp)  # the parent's threads exist
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.Queue()
+        child = ctx.Process(target=_moments_in_child, args=(queue, ops, x))
+        child.start()
+        child.join(timeout=60)
+        if child.exitcode is None:
+            child.kill()
+            child.join()
+    finally:
+        if library == "torch":
+            torch.set_num_threads(threads)
     assert child.exitcode == 0, "the forked child hung or failed"
-    np.testing.assert_array_equal(np.asarray(queue.get(timeout=5), np.float32), parent_mean.ravel())
+    forked, mean = queue.get(timeout=5)
+    assert forked or library == "numpy"  # the child knows it is one (torch's threads closed)
+    np.testing.assert_array_equal(np.asarray(mean, np.float32), np.asarray(parent_mean).ravel())
 
 
 @pytest.mark.usefixtures("blocked_schedule")
