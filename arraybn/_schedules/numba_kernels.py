@@ -338,7 +338,9 @@ class _View:
         """A ``(C,)`` vector repeated along a channels-last row."""
         import numpy as np
 
-        return np.ascontiguousarray(np.tile(v, self.lay.k)) if self.last else v
+        if not self.last or self.lay.k == 1:
+            return v  # channels in the middle, or rows of one channel vector: the vector itself
+        return np.ascontiguousarray(np.tile(v, self.lay.k))
 
     def fold(self, row_totals: Array, tail_totals: Array | None) -> Array:
         """Per-row-position float64 totals ``(..., k * C)`` summed to per-channel totals ``(..., C)``."""
