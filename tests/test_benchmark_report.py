@@ -32,3 +32,29 @@ def test_a_busy_machine_is_named_in_the_report() -> None:
     assert "busy" in run.load_warning(meta)
     meta["load_average"]["start"] = [0.1, 0.1, 0.1]
     assert run.load_warning(meta) is None
+
+
+def test_interleaved_timing_calls_each_function_once_per_round_and_drops_a_failing_one() -> None:
+    """Round r calls every function once, starting from the r-th; a function that raises is reported
+    (its exception) and left out of the later rounds, the others keep their samples."""
+    from benchmarks._measure import time_interleaved
+
+    calls: list[str] = []
+
+    def named(name: str):  # type: ignore[no-untyped-def]
+        def fn() -> None:
+            calls.append(name)
+
+        return fn
+
+    def failing() -> None:
+        calls.append("c")
+        if calls.count("c") > 2:  # both warm-up calls pass, the first timed one raises
+            raise ZeroDivisionError("simulated")
+
+    got = time_interleaved([named("a"), named("b"), failing], warmup=2, repeats=3)
+    assert calls[:6] == ["a", "b", "c", "a", "b", "c"]  # warm-up: in order
+    assert calls[6:] == ["a", "b", "c", "b", "a", "a", "b"]  # round 0 from a (c raises), round 1 from b, round 2 from c
+    assert [len(t) for t in got[:2]] == [3, 3]  # type: ignore[arg-type]
+    assert all(s >= 0 for t in got[:2] for s in t)  # type: ignore[union-attr]
+    assert isinstance(got[2], ZeroDivisionError)
