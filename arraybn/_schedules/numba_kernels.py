@@ -81,7 +81,6 @@ _SUM_ROW_ELEMENTS = 4096  # channels-last rows of the sums hold at least this ma
 _MAP_ROW_ELEMENTS = 1024  # and of the elementwise passes (their tiled per-channel vectors stay in the L1 cache)
 _MIN_BYTES = 1 << 20  # below this the reference's expressions are as fast
 _MIN_INNER = 64  # channels in the middle: shorter runs per channel are left to the reference
-_PIECES = 8  # the rows are cut into at most this many pieces, whatever the thread count
 _OVERFLOW = 2.0**120  # a float64 total beyond this: the reference's float32 sums might overflow
 
 
@@ -365,16 +364,12 @@ def _layout(x: Array, channel: int, np: ModuleType, row_elements: int = _SUM_ROW
     return None if b < _MIN_INNER else blocked.Layout(a, c, b, 1)
 
 
-def _spans(n: int) -> list[tuple[int, int]]:
-    """``n`` rows cut into at most `_PIECES` runs of near-equal length, the same way on any thread count."""
-    count = max(1, min(_PIECES, n))
-    return [(n * i // count, n * (i + 1) // count) for i in range(count)]
-
-
 def _run_pieces(
     name: str, n: int, head: tuple[Any, ...], tail: tuple[Any, ...], *, lanes: int = 0, width: int = 0, openmp: bool
 ) -> list[Array]:
-    """``kernels()[name](*head, lo, hi, *tail)`` for every piece ``[lo, hi)`` of the ``n`` rows (`_spans`).
+    """``kernels()[name](*head, lo, hi, *tail)`` for every piece ``[lo, hi)`` of the ``n`` rows (numpy_blocked's
+    pieces: at most eight runs of near-equal length, ``n * i // count`` to ``n * (i + 1) // count``, the same
+    on any thread count; the parallel-region bodies cut them by the same formula).
 
     With ``lanes``, each piece sums into its own zeroed float64 ``out`` of
     shape ``(lanes, width)`` (the kernel's last argument), and the outs are
@@ -385,14 +380,13 @@ def _run_pieces(
     """
     import numpy as np
 
-    spans = _spans(n)
+    spans = blocked._pieces(range(n))
     outs = np.zeros((len(spans), lanes, width), np.float64) if lanes else None
     if not (openmp and _torch_threads(name, n, len(spans), head, (outs,) if lanes else tail, bool(lanes))):
         kernel = kernels()[name]
-        if outs is None:
-            blocked._parallel(lambda i: kernel(*head, *spans[i], *tail), range(len(spans)))
-        else:
-            blocked._parallel(lambda i: kernel(*head, *spans[i], outs[i]), range(len(spans)))
+        blocked._parallel(
+            lambda i: kernel(*head, spans[i].start, spans[i].stop, *((outs[i],) if lanes else tail)), range(len(spans))
+        )
     return [] if outs is None else list(outs)
 
 
