@@ -50,6 +50,22 @@ def assert_close(actual, expected: np.ndarray, exact: bool, what: str) -> None: 
         np.testing.assert_allclose(actual, expected, rtol=8 * EPS32, atol=8 * EPS32 * scale, err_msg=what)
 
 
+def recorded(monkeypatch, owner, name: str, keep=lambda result: True) -> list:  # type: ignore[no-untyped-def]
+    """Wrap ``owner.name`` for the test: it still computes, and its results that ``keep`` accepts are
+    appended to the list returned (which calls took a schedule's path, say)."""
+    results: list = []  # type: ignore[type-arg]
+    original = getattr(owner, name)
+
+    def recording(*args):  # type: ignore[no-untyped-def]
+        result = original(*args)
+        if keep(result):
+            results.append(result)
+        return result
+
+    monkeypatch.setattr(owner, name, recording)
+    return results
+
+
 def _selected() -> set[str] | None:
     env = os.environ.get("ARRAYBN_TEST_BACKENDS")
     if not env:

@@ -15,6 +15,7 @@ import warnings
 import array_api_compat.numpy as xp
 import numpy as np
 import pytest
+from conftest import recorded
 
 import arraybn
 from arraybn import BNConfig, BNParams, BNState, batch_norm_vjp
@@ -46,17 +47,7 @@ def loops(monkeypatch):  # type: ignore[no-untyped-def]
     """Every input takes the loops (no size threshold); counts the calls that do."""
     monkeypatch.setattr(nk, "_MIN_BYTES", 0)
     monkeypatch.setattr(nk, "_MIN_INNER", 1)
-    taken = []
-    original = nk._layout
-
-    def counting(*args):  # type: ignore[no-untyped-def]
-        lay = original(*args)
-        if lay is not None:
-            taken.append(lay)
-        return lay
-
-    monkeypatch.setattr(nk, "_layout", counting)
-    return taken
+    return recorded(monkeypatch, nk, "_layout", keep=lambda lay: lay is not None)
 
 
 def _axes(shape, channel):  # type: ignore[no-untyped-def]
@@ -296,16 +287,7 @@ def torch_openmp(monkeypatch):  # type: ignore[no-untyped-def]
     torch.set_num_threads(2)
     monkeypatch.setenv("ARRAYBN_NUM_THREADS", "2")
     monkeypatch.delenv("ARRAYBN_TORCH_OPENMP", raising=False)
-    taken = []
-    original = nk._torch_threads
-
-    def counting(*args):  # type: ignore[no-untyped-def]
-        ran = original(*args)
-        taken.append(ran)
-        return ran
-
-    monkeypatch.setattr(nk, "_torch_threads", counting)
-    yield taken
+    yield recorded(monkeypatch, nk, "_torch_threads")
     torch.set_num_threads(threads)
 
 

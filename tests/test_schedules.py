@@ -22,6 +22,7 @@ import array_api_compat.numpy as xp
 import numpy as np
 import pytest
 from array_api_compat import is_torch_array
+from conftest import recorded
 
 import arraybn
 from arraybn import BNConfig, BNParams, BNState, batch_norm_vjp
@@ -445,16 +446,7 @@ def test_blocked_schedule_passes_the_goldens(monkeypatch) -> None:  # type: igno
     monkeypatch.setattr(blocked, "_MIN_BYTES", 0)
     monkeypatch.setattr(blocked, "_MIN_INNER", 1)
     monkeypatch.setenv("ARRAYBN_NUM_THREADS", "2")
-    streamed = []
-    original = blocked.layout
-
-    def counting(*args):  # type: ignore[no-untyped-def]
-        lay = original(*args)
-        if lay is not None:
-            streamed.append(lay)
-        return lay
-
-    monkeypatch.setattr(blocked, "layout", counting)
+    streamed = recorded(monkeypatch, blocked, "layout", keep=lambda lay: lay is not None)
     summary = runner.run(xp=xp, progress=False, stride=4)
     assert summary.outcomes, "no cases ran"
     assert not summary.failures, summary.failure_text(limit=40)
