@@ -12,7 +12,8 @@ from types import ModuleType
 from typing import Any
 
 from . import _reference
-from ._namespace import array_namespace
+from ._namespace import array_device, array_namespace, dtype_from_name
+from ._reference import InferenceMap, Ops
 from ._schedules import select
 from ._types import BNConfig, BNContext, BNGrads, BNParams, BNState
 
@@ -92,6 +93,30 @@ def batch_norm(
         x, params, state, training=training, config=config, mask=mask, adjustment=adjustment,
         trainable=trainable, ops=select(x, xp), xp=xp,
     )  # fmt: skip
+
+
+def inference_map(
+    x: Array, params: BNParams, state: BNState, /, *, config: BNConfig, xp: ModuleType | None = None
+) -> tuple[Ops, InferenceMap]:
+    """The schedule for ``x`` and the per-channel map an inference call applies to it.
+
+    `batch_norm` in inference is ``apply_inference_map(x, *inference_map(x, ...))``: the map's
+    coefficients depend on the weights, ``config`` and ``x``'s shape and dtype only
+    (``arraybn._reference.inference_map``), so a caller may apply one map to many inputs.
+    """
+    if xp is None:
+        xp = _namespace_of(x, params, state)
+    ops = select(x, xp)
+    dtype = dtype_from_name(xp, config.compute_dtype)  # x's after Keras's autocast
+    m = _reference.inference_map(tuple(x.shape), dtype, params, state, config=config, ops=ops, xp=xp,
+                                 device=array_device(x))  # fmt: skip
+    return ops, m
+
+
+def apply_inference_map(x: Array, ops: Ops, m: InferenceMap, *, config: BNConfig, xp: ModuleType) -> Array:
+    """`inference_map`'s map applied to ``x`` (cast to the compute dtype first, as `batch_norm` does)."""
+    x = _reference.cast(x, dtype_from_name(xp, config.compute_dtype), xp)
+    return _reference.apply_map(x, m, ops=ops, xp=xp)
 
 
 class _Recorder:

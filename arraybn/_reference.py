@@ -10,7 +10,9 @@ port to another language can be written from this file alone.
 Reading order: `batch_norm` (the entry point) → `fused_forward` (the
 ``FusedBatchNormV3`` kernel) and `non_fused_forward` (``tf.nn.moments`` +
 ``tf.nn.batch_normalization``, with masks, ghost batches, ``adjustment`` and
-batch renormalization) → `batch_norm_vjp` (the gradient).
+batch renormalization), whose inference calls are `inference_map` (a
+per-channel map of the input, fixed by the weights) → `batch_norm_vjp` (the
+gradient).
 
 Every function takes arrays and returns new arrays; nothing is mutated, so the
 same code runs on immutable (JAX) and lazy (dask) namespaces. No function here
@@ -58,13 +60,16 @@ __all__ = [
     "REFERENCE",
     "SUM_LEAF",
     "Coefficients",
+    "InferenceMap",
     "MovingUpdate",
     "Ops",
+    "apply_map",
     "assign_moving_average",
     "batch_norm",
     "batch_norm_vjp",
     "fused_forward",
     "fused_moving_update",
+    "inference_map",
     "moments",
     "non_fused_forward",
     "renorm_correction",
@@ -602,37 +607,46 @@ def fused_forward(
     """The ``FusedBatchNormV3`` CPU kernel (§1): float32 arithmetic, whatever the input's dtype.
 
     ``y = (x - mean) * (rsqrt(variance + epsilon) * gamma) + beta`` with the batch's
-    statistics in training and the moving ones otherwise; gamma and beta are 1
+    statistics in training and the moving ones otherwise (`inference_map`); gamma and beta are 1
     and 0 where ``scale``/``center`` is off (read on every call). The moving
     variance takes Bessel's correction ``n / max(n - 1, 1)``.
     """
+    if not training:
+        return _inference(x, params, state, config, ops, xp)
     (channel,) = config.axis
     out_dtype = x.dtype
     x = cast(x, xp.float32, xp)
     axes = tuple(i for i in range(x.ndim) if i != channel)
     kept = keepdims_shape(x.shape, axes)
-    dev = array_device(x)
-    gamma, beta = params
-    gamma = gamma if config.scale and gamma is not None else xp.ones(config.param_shape, dtype=xp.float32, device=dev)
-    beta = beta if config.center and beta is not None else xp.zeros(config.param_shape, dtype=xp.float32, device=dev)
-    gamma, beta = (xp.reshape(cast(w, xp.float32, xp), kept) for w in (gamma, beta))
+    gamma, beta = _fused_weights(params, config, kept, xp, array_device(x))
+    mean, variance = moments(x, axes, ops=ops, xp=xp)
     update = None
-    if training:
-        mean, variance = moments(x, axes, ops=ops, xp=xp)
-        if trainable:
-            require_known_sizes(x.shape, "The fused path's moving variance (Bessel's correction n / (n - 1))")
-            n = count_of(x.shape, axes)
-            bessel = n / max(n - 1, 1)  # the CPU kernel's guard: a batch of one value gives 1
-            rule = "fused" if config.fused_avg_updates else "assign_sub"
-            update = MovingUpdate(state.moving_mean, state.moving_variance, config.momentum, rule, bessel)
-    else:
-        mean, variance = (xp.reshape(cast(v, xp.float32, xp), kept) for v in state[:2])
-    epsilon = f32_operand(config.epsilon, xp.float32, xp, dev)  # the kernel's float32 attribute
+    if trainable:
+        require_known_sizes(x.shape, "The fused path's moving variance (Bessel's correction n / (n - 1))")
+        n = count_of(x.shape, axes)
+        bessel = n / max(n - 1, 1)  # the CPU kernel's guard: a batch of one value gives 1
+        rule = "fused" if config.fused_avg_updates else "assign_sub"
+        update = MovingUpdate(state.moving_mean, state.moving_variance, config.momentum, rule, bessel)
+    epsilon = f32_operand(config.epsilon, xp.float32, xp, array_device(x))  # the kernel's float32 attribute
     c = ops.coefficients("fused", mean, variance, gamma, beta, epsilon, update, xp)
     y = cast(ops.affine(x, c.scale, c.shift, c.center, xp), out_dtype, xp)
     if update is None:
         return y, state
     return y, _updated(state, moving_mean=c.moving_mean, moving_variance=c.moving_variance)
+
+
+def _inference(x: Array, params: BNParams, state: BNState, config: BNConfig, ops: Ops, xp: ModuleType) -> tuple[Array, BNState]:
+    """An inference call of either path: `inference_map` applied to ``x``; the state unchanged."""
+    m = inference_map(tuple(x.shape), x.dtype, params, state, config=config, ops=ops, xp=xp, device=array_device(x))
+    return apply_map(x, m, ops=ops, xp=xp), state
+
+
+def _fused_weights(params: BNParams, config: BNConfig, kept: tuple[int, ...], xp: ModuleType, device: Any) -> tuple[Array, Array]:
+    """The fused kernel's float32 gamma and beta, shaped to broadcast: 1 and 0 where ``scale``/``center`` is off."""
+    gamma, beta = params
+    gamma = gamma if config.scale and gamma is not None else xp.ones(config.param_shape, dtype=xp.float32, device=device)
+    beta = beta if config.center and beta is not None else xp.zeros(config.param_shape, dtype=xp.float32, device=device)
+    return xp.reshape(cast(gamma, xp.float32, xp), kept), xp.reshape(cast(beta, xp.float32, xp), kept)
 
 
 def non_fused_forward(
@@ -646,6 +660,8 @@ def non_fused_forward(
     ``adjustment`` (§10) and batch renormalization (§9) compose into gamma and
     beta; the moving statistics move in the ``assign_sub`` form (§3).
     """
+    if not training:
+        return _inference(x, params, state, config, ops, xp)
     original_shape = tuple(x.shape)
     vbs = config.virtual_batch_size
     axis = tuple(config.axis)
@@ -661,33 +677,30 @@ def non_fused_forward(
     bshape = broadcast_shape(x.ndim, axis, x.shape)
     scale, offset = (_reshaped(w, bshape, xp) for w in params)
     new_state, update = state, None
-    if not training:
-        mean, variance = (_reshaped(v, bshape, xp) for v in state[:2])
+    if adjustment is not None:
+        adj_scale, adj_bias = (_adjustment_value(v, x, xp) for v in adjustment(tuple(x.shape)))
+        scale, offset = compose_transforms(adj_scale, adj_bias, scale, offset)
+    xs = cast(x, param_dtype, xp)
+    if mask is None:
+        mean, variance = moments(xs, axes, ops=ops, xp=xp)
     else:
-        if adjustment is not None:
-            adj_scale, adj_bias = (_adjustment_value(v, x, xp) for v in adjustment(tuple(x.shape)))
-            scale, offset = compose_transforms(adj_scale, adj_bias, scale, offset)
-        xs = cast(x, param_dtype, xp)
-        if mask is None:
-            mean, variance = moments(xs, axes, ops=ops, xp=xp)
-        else:
-            weights = mask_weights(mask, xs, dtype_from_name(xp, config.compute_dtype), xp, vbs)
-            mean, variance = weighted_moments(xs, axes, weights, ops=ops, xp=xp)
-        # the moving statistics move towards the mean of the ghost batches' statistics, in one update
-        batch_mean = _mean_over_ghost_batches(mean, xp) if vbs is not None else mean
-        batch_variance = _mean_over_ghost_batches(variance, xp) if vbs is not None else variance
-        batch_mean, batch_variance = (xp.reshape(v, config.param_shape) for v in (batch_mean, batch_variance))
-        if config.renorm:
-            r, d, new_state = _renorm(batch_mean, batch_variance, state, config=config, trainable=trainable, xp=xp)
-            scale, offset = compose_transforms(_reshaped(r, bshape, xp), _reshaped(d, bshape, xp), scale, offset)
-        elif trainable and vbs is None:
-            update = MovingUpdate(state.moving_mean, state.moving_variance, config.momentum, "assign_sub")
-        elif trainable:
-            moving_mean, moving_variance = moving_averages(
-                MovingUpdate(state.moving_mean, state.moving_variance, config.momentum, "assign_sub"),
-                batch_mean, batch_variance, xp=xp,
-            )  # fmt: skip
-            new_state = _updated(state, moving_mean=moving_mean, moving_variance=moving_variance)
+        weights = mask_weights(mask, xs, dtype_from_name(xp, config.compute_dtype), xp, vbs)
+        mean, variance = weighted_moments(xs, axes, weights, ops=ops, xp=xp)
+    # the moving statistics move towards the mean of the ghost batches' statistics, in one update
+    batch_mean = _mean_over_ghost_batches(mean, xp) if vbs is not None else mean
+    batch_variance = _mean_over_ghost_batches(variance, xp) if vbs is not None else variance
+    batch_mean, batch_variance = (xp.reshape(v, config.param_shape) for v in (batch_mean, batch_variance))
+    if config.renorm:
+        r, d, new_state = _renorm(batch_mean, batch_variance, state, config=config, trainable=trainable, xp=xp)
+        scale, offset = compose_transforms(_reshaped(r, bshape, xp), _reshaped(d, bshape, xp), scale, offset)
+    elif trainable and vbs is None:
+        update = MovingUpdate(state.moving_mean, state.moving_variance, config.momentum, "assign_sub")
+    elif trainable:
+        moving_mean, moving_variance = moving_averages(
+            MovingUpdate(state.moving_mean, state.moving_variance, config.momentum, "assign_sub"),
+            batch_mean, batch_variance, xp=xp,
+        )  # fmt: skip
+        new_state = _updated(state, moving_mean=moving_mean, moving_variance=moving_variance)
     mean, variance = cast(mean, x.dtype, xp), cast(variance, x.dtype, xp)
     scale = None if scale is None else _as_operand(scale, x, xp)
     offset = None if offset is None else _as_operand(offset, x, xp)
@@ -696,6 +709,66 @@ def non_fused_forward(
         new_state = _updated(state, moving_mean=c.moving_mean, moving_variance=c.moving_variance)
     y = cast(ops.affine(x, c.scale, c.shift, c.center, xp), out_dtype, xp)
     return (y if vbs is None else xp.reshape(y, original_shape)), new_state
+
+
+class InferenceMap(NamedTuple):
+    """An inference call's output as a per-channel map of its input (`inference_map`).
+
+    The input, seen with shape ``view`` (ghost batches; None: as it is) and cast
+    to ``dtype``, maps to ``(x - center) * scale + shift`` (``center`` None:
+    ``x * scale + shift``), each operation rounded on its own, and back to the
+    input's dtype and shape (`apply_map`).
+    """
+
+    center: Array | None
+    scale: Array
+    shift: Array
+    dtype: Any
+    view: tuple[int, ...] | None
+
+
+def inference_map(
+    shape: tuple[int, ...], dtype: Any, params: BNParams, state: BNState, *, config: BNConfig,
+    ops: Ops = REFERENCE, xp: ModuleType, device: Any,
+) -> InferenceMap:  # fmt: skip
+    """The map an inference call applies to an input of ``shape`` and ``dtype`` (the compute dtype).
+
+    Inference normalizes with the moving statistics, so its output is a fixed
+    per-channel map of the input: the fused kernel's ``(x - mean) * (rsqrt(variance
+    + epsilon) * gamma) + beta`` in float32 (§1, gamma and beta 1 and 0 where
+    ``scale``/``center`` is off), or ``tf.nn.batch_normalization``'s ``x * inv +
+    (beta - mean * inv)`` in the input's dtype (float32 for 16-bit inputs, §6), on
+    the ghost-batch view of one sample per ghost batch (§8). Its coefficients
+    depend on the weights, the settings and the input's shape and dtype only; a
+    caller may keep the map while none of those changes (the layer does).
+    """
+    if config.fused:
+        (channel,) = config.axis
+        kept = tuple(n if i == channel else 1 for i, n in enumerate(shape))
+        gamma, beta = _fused_weights(params, config, kept, xp, device)
+        mean, variance = (xp.reshape(cast(v, xp.float32, xp), kept) for v in state[:2])
+        epsilon = f32_operand(config.epsilon, xp.float32, xp, device)  # the kernel's float32 attribute
+        c = ops.coefficients("fused", mean, variance, gamma, beta, epsilon, None, xp)
+        return InferenceMap(c.center, c.scale, c.shift, xp.float32, None)
+    axis, view = tuple(config.axis), None
+    if config.virtual_batch_size is not None:
+        check_ghost_batches(config.virtual_batch_size, shape, False)
+        view = ghost_batch_shape(shape, config.virtual_batch_size, False)
+        axis = tuple(a + 1 for a in axis)
+    dtype = xp.float32 if is_half(dtype, xp) else dtype
+    bshape = broadcast_shape(len(view or shape), axis, view or shape)
+    scale, offset = (None if w is None else cast(_reshaped(w, bshape, xp), dtype, xp) for w in params)
+    mean, variance = (cast(_reshaped(v, bshape, xp), dtype, xp) for v in state[:2])
+    c = ops.coefficients("non_fused", mean, variance, scale, offset, config.epsilon, None, xp)
+    return InferenceMap(c.center, c.scale, c.shift, dtype, view)
+
+
+def apply_map(x: Array, m: InferenceMap, *, ops: Ops = REFERENCE, xp: ModuleType) -> Array:
+    """`inference_map`'s map applied to ``x``: in ``m.dtype`` on ``m.view``, back in ``x``'s dtype and shape."""
+    shape, out_dtype = tuple(x.shape), x.dtype
+    v = x if m.view is None else xp.reshape(x, m.view)
+    y = cast(ops.affine(cast(v, m.dtype, xp), m.scale, m.shift, m.center, xp), out_dtype, xp)
+    return y if m.view is None else xp.reshape(y, shape)
 
 
 def _mean_over_ghost_batches(v: Array, xp: ModuleType) -> Array:
