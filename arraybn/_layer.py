@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
 
+from . import _functional
 from . import constraints as _constraints
 from . import initializers as _initializers
 from . import regularizers as _regularizers
@@ -33,6 +34,7 @@ from ._namespace import (
     to_device,
     to_numpy,
 )
+from ._plan import InferencePlan
 from ._policy import Policy, get_policy
 from ._reference import ghost_batch_shape
 from ._validation import (
@@ -211,6 +213,7 @@ class BatchNormalization:
         self._vars: dict[str, Array] = {}
         self._good: dict[str, Array] = {}  # the last state known to exist (a lazy state may fail)
         self._activity_losses: list[Array] = []
+        self._plan: InferencePlan | None = None  # the last inference call's map (arraybn._plan)
 
     # ------------------------------------------------------------- copy, pickle
     def __getstate__(self) -> dict[str, Any]:
@@ -220,6 +223,7 @@ class BatchNormalization:
         xp = state.pop("_xp")
         state["_xp_name"] = None if xp is None else xp.__name__
         state["_device"] = None
+        state["_plan"] = None  # views of the weights' memory: made again by the next inference call
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -228,6 +232,7 @@ class BatchNormalization:
         state = dict(state)
         name = state.pop("_xp_name", None)
         state["_xp"] = None if name is None else compat_namespace(importlib.import_module(name))
+        state.setdefault("_plan", None)
         self.__dict__.update(state)
         if self._vars:
             self._device = array_device(next(iter(self._vars.values())))
@@ -329,6 +334,7 @@ class BatchNormalization:
         self._xp, self._device, self._config = xp, device, config
         self._config_vbs = self.virtual_batch_size
         self._vars = self._good = new_vars
+        self._plan = None
         self.fused, self._fusable = fused_value, fused
         self.axis = [a + 1 for a in axes] if self.virtual_batch_size is not None else axes
         self._input_ndim = rank
@@ -368,9 +374,17 @@ class BatchNormalization:
 
         The steps of tf-keras's ``call``: check the input and build on the first call
         (`_checked_input`), read the attributes TF reads per call (`_current_config`), call the
-        ``adjustment`` and settle the mask (`_call_arguments`), compute (`arraybn.batch_norm`),
-        then keep the new state and the activity loss (`_keep`). Nothing is kept if a step raises.
+        ``adjustment`` and settle the mask (`_call_arguments`), compute (`arraybn.batch_norm`; in
+        inference its two steps, `_inference`), then keep the new state and the activity loss
+        (`_keep`). Nothing is kept if a step raises. An inference call whose input, settings and
+        weights are those of the last one applies that call's map at once (`arraybn._plan`).
         """
+        plan = self._plan
+        if plan is not None and mask is None and (training is None or training is False):
+            y = plan.run(self, inputs)  # the last inference call's map, where nothing it depends on changed
+            if y is not None:
+                self._activity_losses = []
+                return y
         xp, mask, deferred_mask, mask_given = self._checked_input(inputs, training, mask)
         assert self._config is not None
         training = _training_value(training)
@@ -384,19 +398,27 @@ class BatchNormalization:
         state = BNState(
             v["moving_mean"], v["moving_variance"], v.get("moving_stddev"), v.get("renorm_mean"), v.get("renorm_stddev")
         )
-        with float_errors_ignored(xp):
-            y, new_state = batch_norm(
-                inputs,
-                params,
-                state,
-                training=training,
-                config=config,
-                mask=mask,
-                adjustment=adjustment,
-                trainable=bool(self.trainable),
-                xp=xp,
-            )
+        if training:
+            with float_errors_ignored(xp):
+                y, new_state = batch_norm(
+                    inputs, params, state, training=True, config=config, mask=mask, adjustment=adjustment,
+                    trainable=bool(self.trainable), xp=xp,
+                )  # fmt: skip
+        else:
+            y, new_state = self._inference(inputs, v, params, state, config, xp), state
         self._keep(v, new_state, self._activity_loss(y, xp), config, xp)
+        return y
+
+    def _inference(
+        self, inputs: Array, weights: dict[str, Array], params: BNParams, state: BNState, config: BNConfig,
+        xp: ModuleType,
+    ) -> Array:  # fmt: skip
+        """`arraybn.batch_norm` in inference, as its two steps (the map, then its application), keeping the
+        map for the next calls (`arraybn._plan`)."""
+        with float_errors_ignored(xp):
+            ops, m = _functional.inference_map(inputs, params, state, config=config, xp=xp)
+            y = _functional.apply_inference_map(inputs, ops, m, config=config, xp=xp)
+        self._plan = InferencePlan.make(self, inputs, weights, ops, xp, config, m)
         return y
 
     def _checked_input(
@@ -500,7 +522,7 @@ class BatchNormalization:
                 "transformations."
             )
             raise RuntimeError(msg)
-        new_vars = {**old, **{k: stored(a) for k, a in changed.items()}}
+        new_vars = {**old, **{k: stored(a) for k, a in changed.items()}} if changed else old
         self._vars = new_vars  # one assignment: a reader sees the old state or the new, never a mix
         if not is_dask_namespace(xp):
             self._good = new_vars  # computed already (dask's waits for get_weights, see there)

@@ -1,0 +1,131 @@
+"""The inference map a layer keeps between calls: inference without recomputing what did not change.
+
+An inference call's output is a per-channel map of its input whose
+coefficients depend only on the weights, the layer's settings and the input's
+kind (``arraybn._reference.inference_map``). A layer called again and again in
+inference (a network's evaluation, serving) recomputes the same coefficients
+and repeats the same checks on every call; on a CPU, after a large operation
+has pushed the interpreter's data out of the caches, those hundreds of Python
+steps cost as much as the pass over a multi-megabyte input itself.
+
+`InferencePlan` keeps the map of the layer's last inference call together with
+everything that decided it, and `InferencePlan.run` applies the map to a new
+input only when all of it is unchanged:
+
+* the input: its type, shape, dtype and device (every check the layer makes on
+  an input of a built layer depends on these only), outside autograd;
+* the layer's settings read in inference, each the very same object
+  (``axis`` also by value: a list can change in place);
+* the weights: the same arrays (``set_weights``, ``build`` and training calls
+  replace them) holding the same bytes (a change in place, through a view or
+  an optimizer's step, is seen);
+* the schedule `arraybn._schedules.select` gives for the input (the setting of
+  `arraybn.schedule`, the environment and a failed schedule are read anew).
+
+Anything else takes the layer's full call, which makes a new plan. Where the
+plan runs, it applies the same map with the same schedule to the same input
+as the full call would: the same bits. Plans are kept for NumPy arrays and
+torch CPU tensors under a schedule (where the checks are cheap and the saving
+counts), never under ``arraybn.schedule("reference")``, for an input with a
+mask, for a layer with an activity regularizer, for traced, lazy or device
+arrays, or while a torch function mode intercepts torch's calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import ModuleType
+from typing import Any, NamedTuple
+
+from . import _functional
+from ._namespace import float_errors_ignored, is_numpy_array, is_torch_array
+from ._reference import REFERENCE, InferenceMap, Ops
+from ._types import BNConfig
+
+__all__ = ["InferencePlan", "settings_of"]
+
+Array = Any
+
+
+def settings_of(layer: Any) -> tuple[Any, ...]:
+    """The layer's settings an inference call reads (the objects themselves), and ``axis``'s values."""
+    axis = layer.axis
+    return (
+        layer.fused, layer.momentum, layer.epsilon, layer.center, layer.scale, layer.renorm,
+        getattr(layer, "renorm_momentum", None), layer.virtual_batch_size, layer.activity_regularizer,
+        layer.dtype_policy, axis, tuple(axis) if isinstance(axis, list) else None,
+    )  # fmt: skip
+
+
+class InferencePlan(NamedTuple):
+    """A layer's last inference map and what decided it (module docstring)."""
+
+    kind: tuple[Any, ...]  # the input's type, shape, dtype and device, and whether it is a torch tensor
+    settings: tuple[Any, ...]
+    weights: dict[str, Array]  # the layer's weights (the dict itself) when the map was made
+    host: tuple[Any, ...]  # NumPy views of the weights' memory
+    saved: tuple[bytes, ...]  # their bytes then
+    ops: Ops
+    xp: ModuleType
+    config: BNConfig
+    map: InferenceMap
+
+    @classmethod
+    def make(
+        cls, layer: Any, inputs: Array, weights: dict[str, Array], ops: Ops, xp: ModuleType, config: BNConfig,
+        m: InferenceMap,
+    ) -> InferencePlan | None:  # fmt: skip
+        """The plan of an inference call just made, or None where plans are not kept."""
+        if ops is REFERENCE or layer.activity_regularizer is not None:
+            return None
+        if is_torch_array(inputs):
+            if _torch_modes() or inputs.device.type != "cpu" or inputs.requires_grad:
+                return None
+            if any(w.requires_grad for w in weights.values()):
+                return None
+            try:
+                host = tuple(w.detach().numpy() for w in weights.values())
+            except (TypeError, RuntimeError):  # bfloat16, a conjugate view, ...: no NumPy view
+                return None
+        elif is_numpy_array(inputs):
+            host = tuple(weights.values())
+        else:
+            return None
+        kind = (type(inputs), tuple(inputs.shape), inputs.dtype, getattr(inputs, "device", None), is_torch_array(inputs))
+        saved = tuple(h.tobytes() for h in host)
+        return cls(kind, settings_of(layer), weights, host, saved, ops, xp, config, m)
+
+    def run(self, layer: Any, inputs: Array) -> Array | None:
+        """The output of ``layer(inputs)`` in inference without a mask, where this plan holds; else None."""
+        kind = self.kind
+        if type(inputs) is not kind[0] or inputs.shape != kind[1] or inputs.dtype != kind[2]:
+            return None
+        if kind[3] is not None and inputs.device != kind[3]:
+            return None
+        if getattr(inputs, "requires_grad", False) or layer._vars is not self.weights:
+            return None
+        if kind[4] and _torch_modes():
+            return None
+        if not _same(settings_of(layer), self.settings):
+            return None
+        ops = _functional.select(inputs, self.xp)  # before any data is read: under torch.compile, the reference
+        if ops is not self.ops or any(getattr(w, "requires_grad", False) for w in self.weights.values()):
+            return None
+        if any(h.tobytes() != b for h, b in zip(self.host, self.saved, strict=True)):
+            return None
+        with float_errors_ignored(self.xp):
+            return _functional.apply_inference_map(inputs, ops, self.map, config=self.config, xp=self.xp)
+
+
+def _torch_modes() -> bool:
+    """A torch function mode is active (a caller intercepting torch's calls sees the full call's), or
+    torch cannot say."""
+    import torch
+
+    count = getattr(torch._C, "_len_torch_function_stack", None)
+    return count is None or count() > 0
+
+
+def _same(now: Sequence[Any], then: Sequence[Any]) -> bool:
+    """The same objects, and ``axis``'s values (the last entry) equal."""
+    return all(a is b for a, b in zip(now[:-1], then[:-1], strict=True)) and now[-1] == then[-1]
