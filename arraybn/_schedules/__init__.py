@@ -47,12 +47,13 @@ import contextvars
 import functools
 import importlib
 import os
+import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from types import ModuleType
 from typing import Any
 
-from .._namespace import is_compiling, is_cupy_array, is_dask_array, is_numpy_array, is_torch_array
+from .._namespace import is_cupy_array, is_dask_array, is_numpy_array, is_torch_array
 from .._reference import REFERENCE, Ops
 
 __all__ = ["available_schedules", "disable", "falls_back", "get_schedule", "pairwise_sum", "schedule", "select"]
@@ -163,15 +164,31 @@ def pairwise_sum(parts: Sequence[Array]) -> Array:
     return parts[0]
 
 
+_LIBRARY: dict[type, str | None] = {}  # an array type's library, as `_library` found it
+
+
+def _library(x: Array) -> str | None:
+    """``x``'s library among those with schedules, from its type (looked up once per type)."""
+    kind = type(x)
+    if kind not in _LIBRARY:
+        checks = (("numpy", is_numpy_array), ("cupy", is_cupy_array), ("torch", is_torch_array), ("dask", is_dask_array))
+        _LIBRARY[kind] = next((name for name, check in checks if check(x)), None)
+    return _LIBRARY[kind]
+
+
 def _made_for(x: Array) -> list[str]:
     """The schedules made for ``x``'s library, best first (from the type and device: no backend is imported)."""
-    if is_numpy_array(x):
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.compiler.is_compiling():  # torch.compile plans its own passes
+        return []
+    library = _library(x)
+    if library == "numpy":
         names = ["numba-kernels", "numpy-blocked"]
-    elif is_cupy_array(x):
+    elif library == "cupy":
         names = [] if os.environ.get("ARRAYBN_CUDA_KERNELS", "1") == "0" else ["cupy-kernels"]
-    elif is_torch_array(x) and not is_compiling(x):  # torch.compile plans its own passes
-        names = ["numba-kernels", "torch-eager"] if x.device.type == "cpu" else ["torch-eager"]
-    elif is_dask_array(x):
+    elif library == "torch":
+        names = ["numba-kernels", "torch-eager"] if x.is_cpu else ["torch-eager"]
+    elif library == "dask":
         names = ["dask-chunked"]
     else:
         names = []

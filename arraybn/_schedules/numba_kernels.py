@@ -85,6 +85,7 @@ _OVERFLOW = 2.0**120  # a float64 total beyond this: the reference's float32 sum
 
 
 @functools.cache
+@functools.cache
 def available() -> bool:
     """True when Numba is installed (looked up once; it is imported only when the schedule first runs)."""
     import importlib.util
@@ -339,7 +340,9 @@ class _View:
 
         if not self.last or self.lay.k == 1:
             return v  # channels in the middle, or rows of one channel vector: the vector itself
-        return np.ascontiguousarray(np.tile(v, self.lay.k))
+        out = np.empty((self.lay.k, self.lay.c), v.dtype)
+        out[...] = v  # (np.tile's Python steps cost more than the copy)
+        return out.reshape(-1)
 
     def fold(self, row_totals: Array, tail_totals: Array | None) -> Array:
         """Per-row-position float64 totals ``(..., k * C)`` summed to per-channel totals ``(..., C)``."""
@@ -454,20 +457,16 @@ def _torch_threads(
     """Run the pieces of `_run_pieces` on torch's OpenMP threads; False where that route is closed."""
     if _OPENMP_STATE["forked"] or _OPENMP_STATE["failed"] or os.environ.get("ARRAYBN_TORCH_OPENMP", "1") == "0":
         return False
-    import numpy as np
     import torch
 
     threads = min(blocked.thread_count(), torch.get_num_threads(), count)
     if threads < 2:
         return False
     try:
-        omp = _openmp()
-        if omp is None:
+        if _openmp() is None:
             return False
         args = (*head, *tail)
-        body = _body(name, tuple(_kind(a) for a in args), len(head), summing)
-        data = np.array([n, count, *(v for a in args for v in _slots(a))], np.int64)
-        omp.parallel(body.address, data.ctypes.data, threads, 0)
+        _body(name, tuple(_kind(a) for a in args), len(head), summing)(n, count, threads, *args)
     except Exception as error:  # noqa: BLE001 - the route closes; the pool computes
         _OPENMP_STATE["failed"] = f"{type(error).__name__}: {error}"
         warnings.warn(
@@ -485,18 +484,19 @@ def _kind(a: Any) -> tuple[Any, ...]:
     return ("i",) if isinstance(a, int) else (a.ndim, a.dtype.str)
 
 
-def _slots(a: Any) -> tuple[int, ...]:
-    """An argument in the body's int64 data: the integer, or an array's address and shape."""
-    if isinstance(a, int):
-        return (a,)
-    assert a.flags.c_contiguous  # the body sees C-ordered memory
-    return (a.ctypes.data, *a.shape)
-
-
 @functools.cache
 def _body(name: str, kinds: tuple[tuple[Any, ...], ...], heads: int, summing: bool) -> Any:
-    """The compiled parallel-region body for kernel ``name`` and argument kinds, compiled once per process
-    (``summing``: the last argument holds one out per piece)."""
+    """``launch(n, count, threads, *args)`` for kernel ``name`` and argument kinds, compiled once per process
+    (``summing``: the last argument holds one out per piece).
+
+    ``launch`` (compiled, the GIL released) writes ``n``, ``count`` and the
+    arguments (an integer, or an array's address and shape) into an int64
+    block and runs ``GOMP_parallel`` with the compiled region body, which
+    unpacks them and runs pieces ``t, t + T, ...`` on thread ``t`` of ``T``. One
+    compiled call per pass: reading addresses through ``ndarray.ctypes`` in
+    Python costs more than a small pass, when the interpreter's data has left
+    the caches.
+    """
     import numba
     import numpy as np
     from numba.core import cgutils
@@ -513,34 +513,53 @@ def _body(name: str, kinds: tuple[tuple[Any, ...], ...], heads: int, summing: bo
 
     namespace: dict[str, Any] = {
         "carray": numba.carray, "address": address, "kernel": kernels()[name], "int64": np.int64,
-        "thread_number": omp.thread_number, "thread_count": omp.thread_count,
+        "uint32": np.uint32, "empty": np.empty, "thread_number": omp.thread_number,
+        "thread_count": omp.thread_count, "parallel": omp.parallel,
     }  # fmt: skip
-    lines, slot, names = [], 2, []
+    unpack, pack, slot, names = [], [], 2, []
     for i, kind in enumerate(kinds):
         if kind == ("i",):
-            lines.append(f"    v{i} = a[{slot}]")
+            unpack.append(f"    v{i} = a[{slot}]")
+            pack.append(f"    a[{slot}] = v{i}")
             slot += 1
         else:
             ndim, dtype = kind
             namespace[f"t{i}"] = np.dtype(dtype).type
             shape = ", ".join(f"a[{slot + 1 + d}]" for d in range(ndim))
-            lines.append(f"    v{i} = carray(address(a[{slot}]), ({shape},), t{i})")
+            unpack.append(f"    v{i} = carray(address(a[{slot}]), ({shape},), t{i})")
+            pack.append(f"    if not v{i}.flags.c_contiguous:")
+            pack.append("        raise ValueError('the region body reads C-ordered memory')")
+            pack.append(f"    a[{slot}] = v{i}.ctypes.data")
+            pack.extend(f"    a[{slot + 1 + d}] = v{i}.shape[{d}]" for d in range(ndim))
             slot += 1 + ndim
         names.append(f"v{i}")
     tail = f"{names[heads]}[p]" if summing else ", ".join(names[heads:])
-    source = "\n".join([
+    body = "\n".join([
         "def body(data):",
         f"    a = carray(data, ({slot},), int64)",
         "    n = a[0]",
         "    count = a[1]",
-        *lines,
+        *unpack,
         "    t = thread_number()",
         "    threads = thread_count()",
         "    for p in range(t, count, threads):",
         f"        kernel({', '.join(names[:heads])}, n * p // count, n * (p + 1) // count, {tail})",
     ])  # fmt: skip
-    exec(compile(source, f"<arraybn numba-kernels body {name}>", "exec"), namespace)  # noqa: S102 - our own text
-    return numba.cfunc(numba.types.void(numba.types.voidptr), nopython=True)(namespace["body"])
+    exec(compile(body, f"<arraybn numba-kernels body {name}>", "exec"), namespace)  # noqa: S102 - our own text
+    namespace["body_address"] = numba.cfunc(numba.types.void(numba.types.voidptr), nopython=True)(
+        namespace["body"]
+    ).address
+    launch = "\n".join([
+        f"def launch(n, count, threads, {', '.join(names)}):",
+        f"    a = empty({slot}, int64)",
+        "    a[0] = n",
+        "    a[1] = count",
+        *pack,
+        "    parallel(address(body_address), address(a.ctypes.data), uint32(threads), uint32(0))",
+        "    return a[0]  # the block lives until the region has ended",
+    ])  # fmt: skip
+    exec(compile(launch, f"<arraybn numba-kernels launch {name}>", "exec"), namespace)  # noqa: S102 - our own text
+    return numba.njit(nogil=True)(namespace["launch"])
 
 
 def _totals(view: _View, name: str, head: tuple[Any, ...], tail_head: tuple[Any, ...], lanes: int, openmp: bool) -> Any:
@@ -624,10 +643,12 @@ def affine(
     lay: blocked.Layout,
     np: ModuleType,
     openmp: bool = False,
+    y: Array | None = None,
 ) -> Array:
-    """``(x - center) * scale + shift`` (``center`` None: ``x * scale + shift``), rounded per operation."""
+    """``(x - center) * scale + shift`` (``center`` None: ``x * scale + shift``), rounded per operation, into
+    ``y`` (a new array where None)."""
     k = kernels()
-    y = np.empty_like(x)
+    y = np.empty_like(x) if y is None else y
     src, out = _View(x, lay, np), _View(y, lay, np)
     vectors = (scale, shift) if center is None else (center, scale, shift)
     name = "rows_scale" if center is None else "rows_affine"
@@ -657,10 +678,12 @@ def backward_sums(
 
 
 def backward_dx(
-    x: Array, dy: Array, vectors: Sequence[Array], lay: blocked.Layout, np: ModuleType, openmp: bool = False
-) -> Array:
-    """``dy * k + ((x - mean) * p + q)`` with per-channel ``mean, k, p, q``, rounded per operation."""
-    out = np.empty_like(x)
+    x: Array, dy: Array, vectors: Sequence[Array], lay: blocked.Layout, np: ModuleType, openmp: bool = False,
+    out: Array | None = None,
+) -> Array:  # fmt: skip
+    """``dy * k + ((x - mean) * p + q)`` with per-channel ``mean, k, p, q``, rounded per operation, into
+    ``out`` (a new array where None)."""
+    out = np.empty_like(x) if out is None else out
     src, grad, res = _View(x, lay, np), _View(dy, lay, np), _View(out, lay, np)
     if src.last:
         tiled = [src.tiled(v) for v in vectors]
@@ -712,6 +735,21 @@ def _host(a: Array) -> Array | None:
 def _itemsize(x: Array) -> int:
     size = getattr(x.dtype, "itemsize", None)  # NumPy
     return int(size) if size is not None else int(x.element_size())  # torch
+
+
+def _empty(like: Array, host: Array) -> tuple[Array, Array]:
+    """A new array for a result shaped as ``like`` (``host`` its NumPy view), in ``like``'s library, and the
+    NumPy view of it the loops write. A torch tensor's comes from torch's allocator, which hands a call the
+    memory the last freed result held (in the cache, its pages mapped): faster than NumPy's here."""
+    import numpy as np
+
+    if isinstance(like, np.ndarray):
+        out = np.empty_like(host)
+        return out, out
+    import torch
+
+    out = torch.empty(tuple(like.shape), dtype=like.dtype)
+    return out, out.numpy()
 
 
 def _back(result: Array, like: Array) -> Array:
@@ -805,7 +843,9 @@ class NumbaKernels(Ops):
         lay, host, views = prepared
         vectors = [_vector(v, _kept(x.shape, channel), np) for v in views]
         center_vector = None if center is None else vectors[2]
-        return _back(affine(host, vectors[0], vectors[1], center_vector, lay, np, not _is_numpy(x)), x)
+        y, view = _empty(x, host)
+        affine(host, vectors[0], vectors[1], center_vector, lay, np, not _is_numpy(x), view)
+        return y
 
     @_checked
     def backward_sums(
@@ -838,7 +878,9 @@ class NumbaKernels(Ops):
         lay, host, (grad, *vectors) = prepared
         kept = _kept(x.shape, channel)
         vectors = [_vector(v, kept, np) for v in vectors]
-        return _back(backward_dx(host, grad, vectors, lay, np, not _is_numpy(x)), x)
+        out, view = _empty(x, host)
+        backward_dx(host, grad, vectors, lay, np, not _is_numpy(x), view)
+        return out
 
 
 def _next(x: Array) -> Ops:
