@@ -20,13 +20,14 @@ input only when all of it is unchanged:
   replace them) holding the same bytes (a change in place, through a view or
   an optimizer's step, is seen);
 * the schedule `arraybn._schedules.select` gives for the input (the setting of
-  `arraybn.schedule`, the environment and a failed schedule are read anew).
+  `arraybn.schedule`, the environment and a failed schedule are read anew;
+  the reference's plain expressions where no schedule applies).
 
 Anything else takes the layer's full call, which makes a new plan. Where the
 plan runs, it applies the same map with the same schedule to the same input
 as the full call would: the same bits. Plans are kept for NumPy arrays and
-torch CPU tensors under a schedule (where the checks are cheap and the saving
-counts), never under ``arraybn.schedule("reference")``, for an input with a
+torch CPU tensors (where the checks are cheap and the saving counts), never
+under ``arraybn.schedule("reference")``, for an input with a
 mask, for a layer with an activity regularizer, for traced, lazy or device
 arrays, or while a torch function mode intercepts torch's calls.
 """
@@ -39,7 +40,8 @@ from typing import Any, NamedTuple
 
 from . import _functional
 from ._namespace import float_errors_ignored, is_numpy_array, is_torch_array
-from ._reference import REFERENCE, InferenceMap, Ops
+from ._reference import InferenceMap, Ops
+from ._schedules import get_schedule
 from ._types import BNConfig
 
 __all__ = ["InferencePlan", "settings_of"]
@@ -76,7 +78,7 @@ class InferencePlan(NamedTuple):
         m: InferenceMap,
     ) -> InferencePlan | None:  # fmt: skip
         """The plan of an inference call just made, or None where plans are not kept."""
-        if ops is REFERENCE or layer.activity_regularizer is not None:
+        if layer.activity_regularizer is not None:
             return None
         if is_torch_array(inputs):
             if _torch_modes() or inputs.device.type != "cpu" or inputs.requires_grad:
@@ -90,6 +92,8 @@ class InferencePlan(NamedTuple):
         elif is_numpy_array(inputs):
             host = tuple(weights.values())
         else:
+            return None
+        if get_schedule() == "reference":
             return None
         kind = (type(inputs), tuple(inputs.shape), inputs.dtype, getattr(inputs, "device", None), is_torch_array(inputs))
         saved = tuple(h.tobytes() for h in host)
@@ -108,7 +112,9 @@ class InferencePlan(NamedTuple):
             return None
         if not _same(settings_of(layer), self.settings):
             return None
-        ops = _functional.select(inputs, self.xp)  # before any data is read: under torch.compile, the reference
+        if get_schedule() == "reference":
+            return None
+        ops = _functional.select(inputs, self.xp)  # the environment and a failed schedule, read anew
         if ops is not self.ops or any(getattr(w, "requires_grad", False) for w in self.weights.values()):
             return None
         if any(h.tobytes() != b for h, b in zip(self.host, self.saved, strict=True)):
@@ -118,10 +124,12 @@ class InferencePlan(NamedTuple):
 
 
 def _torch_modes() -> bool:
-    """A torch function mode is active (a caller intercepting torch's calls sees the full call's), or
-    torch cannot say."""
+    """``torch.compile`` is tracing, or a torch function mode is active (a caller intercepting torch's calls
+    sees the full call's), or torch cannot say."""
     import torch
 
+    if torch.compiler.is_compiling():  # first: the compiler reads nothing further
+        return True
     count = getattr(torch._C, "_len_torch_function_stack", None)
     return count is None or count() > 0
 
