@@ -244,3 +244,14 @@ def test_layer_threads_share_no_stale_plan(to_lib) -> None:
         for t in threads:
             t.join()
     assert seen and set(seen) <= {old, new}
+
+
+@pytest.mark.parametrize("kwargs", [{"dtype": "mixed_float16"}, {"dtype": "mixed_float16", "fused": False}])
+def test_planned_call_under_a_mixed_policy(monkeypatch, to_lib, kwargs) -> None:
+    """float32 inputs autocast to float16: the plan casts them as the full call does."""
+    layer, x = _trained((8, 6, 6, 16), kwargs, to_lib)
+    expected = _full(layer, x)
+    assert _np(expected).dtype == np.float16
+    runs = _planned_runs(monkeypatch)
+    _same_bits(layer(x), expected)
+    assert len(runs) == 1
