@@ -334,7 +334,7 @@ def test_a_failure_of_torchs_threads_warns_once_and_the_pool_computes(monkeypatc
     def broken(*args):  # type: ignore[no-untyped-def]
         raise OSError("simulated: GOMP_parallel is missing")
 
-    monkeypatch.setattr(nk, "_body", broken)
+    monkeypatch.setattr(nk, "_launch", broken)
     x = np.random.default_rng(52).standard_normal((64, 32, 32)).astype(np.float32)
     want = _every_loop_result(x, x, 2, np.asarray)
     with pytest.warns(RuntimeWarning, match="OpenMP threads failed"):

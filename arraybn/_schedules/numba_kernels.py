@@ -85,7 +85,6 @@ _OVERFLOW = 2.0**120  # a float64 total beyond this: the reference's float32 sum
 
 
 @functools.cache
-@functools.cache
 def available() -> bool:
     """True when Numba is installed (looked up once; it is imported only when the schedule first runs)."""
     import importlib.util
@@ -466,7 +465,7 @@ def _torch_threads(
         if _openmp() is None:
             return False
         args = (*head, *tail)
-        _body(name, tuple(_kind(a) for a in args), len(head), summing)(n, count, threads, *args)
+        _launch(name, tuple(_kind(a) for a in args), len(head), summing)(n, count, threads, *args)
     except Exception as error:  # noqa: BLE001 - the route closes; the pool computes
         _OPENMP_STATE["failed"] = f"{type(error).__name__}: {error}"
         warnings.warn(
@@ -485,7 +484,7 @@ def _kind(a: Any) -> tuple[Any, ...]:
 
 
 @functools.cache
-def _body(name: str, kinds: tuple[tuple[Any, ...], ...], heads: int, summing: bool) -> Any:
+def _launch(name: str, kinds: tuple[tuple[Any, ...], ...], heads: int, summing: bool) -> Any:
     """``launch(n, count, threads, *args)`` for kernel ``name`` and argument kinds, compiled once per process
     (``summing``: the last argument holds one out per piece).
 
