@@ -80,7 +80,8 @@ class InferencePlan(NamedTuple):
         """The plan of an inference call just made, or None where plans are not kept."""
         if layer.activity_regularizer is not None:
             return None
-        if is_torch_array(inputs):
+        on_torch = is_torch_array(inputs)
+        if on_torch:
             if _torch_modes() or inputs.device.type != "cpu" or inputs.requires_grad:
                 return None
             if any(w.requires_grad for w in weights.values()):
@@ -95,7 +96,7 @@ class InferencePlan(NamedTuple):
             return None
         if get_schedule() == "reference":
             return None
-        kind = (type(inputs), tuple(inputs.shape), inputs.dtype, getattr(inputs, "device", None), is_torch_array(inputs))
+        kind = (type(inputs), tuple(inputs.shape), inputs.dtype, getattr(inputs, "device", None), on_torch)
         saved = tuple(h.tobytes() for h in host)
         return cls(kind, settings_of(layer), weights, host, saved, ops, xp, config, m)
 

@@ -744,7 +744,7 @@ def inference_map(
     """
     if config.fused:
         (channel,) = config.axis
-        kept = tuple(n if i == channel else 1 for i, n in enumerate(shape))
+        kept = broadcast_shape(len(shape), (channel,), shape)
         gamma, beta = _fused_weights(params, config, kept, xp, device)
         mean, variance = (xp.reshape(cast(v, xp.float32, xp), kept) for v in state[:2])
         epsilon = f32_operand(config.epsilon, xp.float32, xp, device)  # the kernel's float32 attribute

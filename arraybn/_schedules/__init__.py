@@ -196,17 +196,16 @@ def _made_for(x: Array) -> list[str]:
     return [n for n in names if n not in _DISABLED and (n != "numba-kernels" or _numba_wanted()) and _reaches(n, x)]
 
 
-_SIZED = {"numba-kernels": "numba_kernels", "numpy-blocked": "numpy_blocked"}  # their modules' _MIN_BYTES
+_SIZED = frozenset({"numba-kernels", "numpy-blocked"})  # schedules with a size threshold: their module's _MIN_BYTES
 
 
 def _reaches(name: str, x: Array) -> bool:
     """Whether a call on ``x`` can reach schedule ``name``'s size threshold: its operations see arrays of
     ``x``'s size at most (in float32 or float64); a schedule that applies to none of them is not chosen,
     so a small call takes the next one (or the reference) at once, with the same results."""
-    module = _SIZED.get(name)
-    if module is None:
+    if name not in _SIZED:
         return True
-    threshold = importlib.import_module(f"{__name__}.{module}")._MIN_BYTES
+    threshold = importlib.import_module(f"{__name__}.{_REGISTRY[name][0]}")._MIN_BYTES
     return math.prod(x.shape) * 8 >= threshold
 
 

@@ -635,19 +635,12 @@ def _centred_totals(view: _View, center: Array, openmp: bool) -> Array:
 
 
 def affine(
-    x: Array,
-    scale: Array,
-    shift: Array,
-    center: Array | None,
-    lay: blocked.Layout,
-    np: ModuleType,
+    x: Array, scale: Array, shift: Array, center: Array | None, lay: blocked.Layout, np: ModuleType, y: Array,
     openmp: bool = False,
-    y: Array | None = None,
-) -> Array:
+) -> Array:  # fmt: skip
     """``(x - center) * scale + shift`` (``center`` None: ``x * scale + shift``), rounded per operation, into
-    ``y`` (a new array where None)."""
+    ``y`` (shaped as ``x``; `_empty`)."""
     k = kernels()
-    y = np.empty_like(x) if y is None else y
     src, out = _View(x, lay, np), _View(y, lay, np)
     vectors = (scale, shift) if center is None else (center, scale, shift)
     name = "rows_scale" if center is None else "rows_affine"
@@ -677,12 +670,11 @@ def backward_sums(
 
 
 def backward_dx(
-    x: Array, dy: Array, vectors: Sequence[Array], lay: blocked.Layout, np: ModuleType, openmp: bool = False,
-    out: Array | None = None,
+    x: Array, dy: Array, vectors: Sequence[Array], lay: blocked.Layout, np: ModuleType, out: Array,
+    openmp: bool = False,
 ) -> Array:  # fmt: skip
     """``dy * k + ((x - mean) * p + q)`` with per-channel ``mean, k, p, q``, rounded per operation, into
-    ``out`` (a new array where None)."""
-    out = np.empty_like(x) if out is None else out
+    ``out`` (shaped as ``x``; `_empty`)."""
     src, grad, res = _View(x, lay, np), _View(dy, lay, np), _View(out, lay, np)
     if src.last:
         tiled = [src.tiled(v) for v in vectors]
@@ -843,7 +835,7 @@ class NumbaKernels(Ops):
         vectors = [_vector(v, _kept(x.shape, channel), np) for v in views]
         center_vector = None if center is None else vectors[2]
         y, view = _empty(x, host)
-        affine(host, vectors[0], vectors[1], center_vector, lay, np, not _is_numpy(x), view)
+        affine(host, vectors[0], vectors[1], center_vector, lay, np, view, not _is_numpy(x))
         return y
 
     @_checked
@@ -878,7 +870,7 @@ class NumbaKernels(Ops):
         kept = _kept(x.shape, channel)
         vectors = [_vector(v, kept, np) for v in vectors]
         out, view = _empty(x, host)
-        backward_dx(host, grad, vectors, lay, np, not _is_numpy(x), view)
+        backward_dx(host, grad, vectors, lay, np, view, not _is_numpy(x))
         return out
 
 
