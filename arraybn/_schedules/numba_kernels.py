@@ -78,7 +78,7 @@ Array = Any
 
 _LEAF = 64  # values (rows, or 8-wide lanes) added into one partial sum before it moves up a level
 _SUM_ROW_ELEMENTS = 4096  # channels-last rows of the sums hold at least this many elements (fewer partial-sum updates)
-_MAP_ROW_ELEMENTS = 1024  # and of the elementwise passes (their tiled per-channel vectors stay in the L1 cache)
+_MAP_ROW_ELEMENTS = 64  # and of the elementwise passes (64 channels: rows of 1024 ran 20-30% slower; docs/performance.md)
 _MIN_BYTES = 1 << 20  # below this the reference's expressions are as fast
 _MIN_INNER = 64  # channels in the middle: shorter runs per channel are left to the reference
 _OVERFLOW = 2.0**120  # a float64 total beyond this: the reference's float32 sums might overflow
