@@ -35,7 +35,7 @@ from typing import Any
 
 
 def time_interleaved(
-    fns: Sequence[Callable[[], Any]], *, warmup: int, repeats: int
+    fns: Sequence[Callable[[], Any]], *, warmup: int, repeats: int, faults: list[list[int]] | None = None
 ) -> list[list[float] | BaseException]:
     """Seconds per call of each of ``fns``, the calls interleaved: round ``r`` calls every function once,
     starting from the ``r``-th (GC off while timing).
@@ -44,8 +44,13 @@ def time_interleaved(
     clock) then slows every function alike, and the ratios of their medians
     keep what a run of one function after the other would lose. A function
     that raises is dropped from later rounds; its entry is the exception.
+    ``faults`` (a list, filled here): per function, the minor page faults of
+    each timed call (`page_faults`; empty where the system does not count them).
     """
     outcome: list[list[float] | BaseException] = [[] for _ in fns]
+    counted: list[list[int]] = [[] for _ in fns]
+    if faults is not None:
+        faults[:] = counted
     for _ in range(warmup):
         for i, fn in enumerate(fns):
             if isinstance(outcome[i], BaseException):
@@ -66,29 +71,50 @@ def time_interleaved(
                 if isinstance(times, BaseException):
                     continue
                 try:
+                    f0 = page_faults()
                     t0 = time.perf_counter()
                     out = fns[i]()
                     t1 = time.perf_counter()
+                    f1 = page_faults()
                     del out
                 except Exception as err:  # noqa: BLE001
                     outcome[i] = err
                     continue
                 times.append(t1 - t0)
+                if f0 is not None and f1 is not None:
+                    counted[i].append(f1 - f0)
     finally:
         if was_enabled:
             gc.enable()
     return outcome
 
 
-def summarize(times: Sequence[float]) -> dict[str, float]:
+def page_faults() -> int | None:
+    """This process's minor page faults so far (memory mapped in on first touch), or None where not counted."""
+    try:
+        import resource
+    except ImportError:  # not a Unix system
+        return None
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
+
+
+#: a call that faulted in at least this many pages (1 MiB of 4 KiB pages) mapped fresh memory for its arrays
+FAULTING_PAGES = 256
+
+
+def summarize(times: Sequence[float], faults: Sequence[int] | None = None) -> dict[str, float]:
+    """Median, minimum and quartiles of ``times``; with ``faults`` (per call), how many calls mapped fresh memory."""
     q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
-    return {
+    out = {
         "median_s": statistics.median(times),
         "min_s": min(times),
         "q1_s": q[0],
         "q3_s": q[2],
         "repeats": len(times),
     }
+    if faults:
+        out["faulting_calls"] = sum(f >= FAULTING_PAGES for f in faults)
+    return out
 
 
 def nbytes_of(outputs: Any) -> int:
@@ -171,6 +197,34 @@ def pin_malloc() -> None:
         _MALLOC_PINNED = True
     except (OSError, AttributeError):
         pass
+
+
+def keep_freed_memory() -> str | None:
+    """Make glibc keep freed buffers of up to 32 MiB for reuse (no return to the OS); None where not applied.
+
+    For the timings. By default glibc gives the top of its heap back to the
+    system when enough is free, and the next large buffer is mapped in again
+    page by page (one fault per 4 KiB: a 25 MiB output then costs several
+    milliseconds more). Which calls pay that depends on the order of the
+    allocations before them, so a case's timings fall into two groups and
+    medians jump between runs for every implementation alike. With the
+    thresholds fixed, each call reuses memory that an earlier call freed, as
+    a long-running process does in its steady state. Buffers above 32 MiB
+    (glibc's largest heap threshold) are still mapped per call; the report
+    counts page faults per call and flags a row where they remain.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        threshold = 32 << 20
+        if libc.mallopt(-3, threshold) != 1 or libc.mallopt(-1, 1 << 30) != 1:  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+            return None
+    except (OSError, AttributeError):
+        return None
+    return "glibc keeps freed memory (M_MMAP_THRESHOLD 32 MiB, M_TRIM_THRESHOLD 1 GiB; --allocator-defaults: not)"
 
 
 def _rss_reader() -> Callable[[], int]:

@@ -1,7 +1,7 @@
 """One phase of the benchmark for some backends, in a fresh process; results as JSON.
 
 ``python -m benchmarks._worker --phase time|memory --backends numpy,tf --out FILE --warmup N --repeats N
---schedule NAME``,
+--schedule NAME [--allocator-defaults]``,
 run from the repository root. ``python -m benchmarks`` starts it:
 
 * for the memory phase of every backend, so that glibc's allocator is pinned
@@ -27,11 +27,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--schedule", default="auto")
+    p.add_argument("--allocator-defaults", action="store_true")
     args = p.parse_args(argv)
     if args.phase == "memory":
         from ._measure import pin_malloc
 
         pin_malloc()  # before any large allocation
+    elif not args.allocator_defaults:
+        from ._measure import keep_freed_memory
+
+        keep_freed_memory()  # as the timings of the main process
     if "tf" in args.backends.split(","):
         os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ._cases import CASES, MODES, make_inputs
-from ._measure import extra_memory, summarize, time_interleaved
+from ._measure import extra_memory, keep_freed_memory, summarize, time_interleaved
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 ALL_BACKENDS = ("numpy", "torch", "torch-cuda", "cupy", "jax", "tf")
@@ -54,6 +54,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         ),
     )
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    p.add_argument(
+        "--allocator-defaults",
+        action="store_true",
+        help="time with glibc's default trimming (freed memory may go back to the system and be faulted in again "
+        "by a later call; by default it is kept: benchmarks/_measure.keep_freed_memory)",
+    )
     p.add_argument(
         "--schedule",
         default="auto",
@@ -143,12 +149,13 @@ def _run_phase(targets: list[Any], phase: str, *, warmup: int, repeats: int) -> 
                 del fn
                 print(_progress(row, phase), file=sys.stderr, flush=True)
         for group in ready.values():
-            times = time_interleaved([fn for _, fn in group], warmup=warmup, repeats=repeats)
-            for (row, _), got in zip(group, times, strict=True):
+            faults: list[list[int]] = []
+            times = time_interleaved([fn for _, fn in group], warmup=warmup, repeats=repeats, faults=faults)
+            for (row, _), got, faulted in zip(group, times, faults, strict=True):
                 if isinstance(got, BaseException):
                     row["status"] = f"error: {type(got).__name__}: {got}"
                 else:
-                    row.update(summarize(got))
+                    row.update(summarize(got, faulted))
                     row["status"] = "ok"
                 print(_progress(row, phase), file=sys.stderr, flush=True)
         del ready
@@ -189,6 +196,8 @@ def run_worker(python: str, phase: str, backends: list[str], args: argparse.Name
     os.close(fd)
     cmd = [python, "-m", "benchmarks._worker", "--phase", phase, "--backends", ",".join(backends), "--out", tmp,
            "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--schedule", args.schedule]
+    if args.allocator_defaults:
+        cmd.append("--allocator-defaults")
     env = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
     try:
@@ -264,17 +273,25 @@ def _mem(row: dict[str, Any]) -> str:
     return f"{eb / 2**20:.1f} MiB ({eb / row['input_bytes']:.2f}× x)"
 
 
+FAULTING_SHARE = 0.1  # more timed calls than this mapped fresh memory in: the median mixes two speeds
 SPREAD_LIMIT = 0.2  # an interquartile range above this fraction of the median: the timing is not to be trusted
 FLOOR_SLACK = 0.9  # a ratio to the copy below 90% of the memory-traffic floor cannot be a real measurement
 
 
 def flags(r: dict[str, Any], copy_ms: float | None) -> list[str]:
-    """Why a measurement cannot be trusted: a median whose spread is large, a time below the memory floor."""
+    """Why a measurement cannot be trusted: a median whose spread is large, calls that faulted fresh memory in,
+    a time below the memory floor."""
     out = []
     if r.get("status") != "ok":
         return out
     if (r["q3_s"] - r["q1_s"]) > SPREAD_LIMIT * r["median_s"]:
         out.append(f"spread {100 * (r['q3_s'] - r['q1_s']) / r['median_s']:.0f}% of the median: rerun")
+    faulting = r.get("faulting_calls", 0)
+    if faulting > FAULTING_SHARE * r.get("repeats", 0):
+        out.append(
+            f"{faulting} of {r['repeats']} timed calls mapped fresh memory in (page faults: memory new to the process, or "
+            "given back to the system before); the median mixes two speeds: rerun"
+        )
     if r["mode"] != "copy" and copy_ms is not None:
         floor = MODES[r["mode"]][1]
         if r["median_s"] * 1e3 / copy_ms < FLOOR_SLACK * floor:
@@ -432,9 +449,11 @@ def main(argv: list[str] | None = None) -> int:
     local = [b for b in backends if not (b == "tf" and tf_elsewhere)]
     targets, skipped = collect_targets(local)
     # Phase 1: timings, in this process (TensorFlow in its own interpreter with --tf-python).
+    allocator = None if args.allocator_defaults else keep_freed_memory()
     results = run_phase(targets, "time", warmup=args.warmup, repeats=args.repeats, schedule=args.schedule)
     versions = _versions()  # after the timings: the libraries they imported are listed
     versions["arraybn schedule (--schedule)"] = args.schedule
+    versions["allocator (timings)"] = allocator or "the system's defaults"
     if tf_elsewhere:
         payload = run_worker(args.tf_python, "time", ["tf"], args)
         results += payload["results"]

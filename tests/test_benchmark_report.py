@@ -58,3 +58,40 @@ def test_interleaved_timing_calls_each_function_once_per_round_and_drops_a_faili
     assert [len(t) for t in got[:2]] == [3, 3]  # type: ignore[arg-type]
     assert all(s >= 0 for t in got[:2] for s in t)  # type: ignore[union-attr]
     assert isinstance(got[2], ZeroDivisionError)
+
+
+def test_calls_that_faulted_fresh_memory_in_are_flagged() -> None:
+    row = {**_row("train", 4.0, 0.1), "repeats": 31, "faulting_calls": 4}
+    (flag,) = run.flags(row, copy_ms=2.0)
+    assert flag.startswith("4 of 31 timed calls mapped fresh memory in")
+    row["faulting_calls"] = 3  # at most a tenth of the calls: the median is the steady one
+    assert run.flags(row, copy_ms=2.0) == []
+
+
+def test_interleaved_timing_counts_each_calls_page_faults() -> None:
+    """A call that touches a fresh 4 MiB mapping faults its pages in (Linux counts one minor fault per 4 KiB
+    page at most); `summarize` counts it among the faulting calls, a call that maps nothing is not."""
+    import mmap
+
+    import pytest
+
+    from benchmarks._measure import FAULTING_PAGES, page_faults, summarize, time_interleaved
+
+    if page_faults() is None:
+        pytest.skip("this system does not count page faults (no resource module)")
+    size = 4 << 20
+
+    def touching() -> None:
+        with mmap.mmap(-1, size) as m:
+            if hasattr(mmap, "MADV_NOHUGEPAGE"):  # 4 KiB pages even where huge pages are always on
+                m.madvise(mmap.MADV_NOHUGEPAGE)
+            for i in range(0, size, mmap.PAGESIZE):
+                m[i] = 1
+
+    faults: list[list[int]] = []
+    got = time_interleaved([touching, lambda: None], warmup=1, repeats=3, faults=faults)
+    assert [len(t) for t in got] == [3, 3] and [len(f) for f in faults] == [3, 3]  # type: ignore[arg-type]
+    assert all(f >= size // mmap.PAGESIZE // 2 >= FAULTING_PAGES for f in faults[0])
+    assert all(f < FAULTING_PAGES for f in faults[1])
+    assert summarize(got[0], faults[0])["faulting_calls"] == 3  # type: ignore[arg-type]
+    assert summarize(got[1], faults[1])["faulting_calls"] == 0  # type: ignore[arg-type]
