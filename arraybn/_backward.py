@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._functional import _Recorder, batch_norm_backward
+from ._functional import _Recorder, batch_norm_backward, recording_moments
 from ._namespace import array_device, array_namespace, float_errors_ignored
 from ._types import BNConfig, BNContext, BNParams, BNState
 from ._validation import check_rank_defined
@@ -41,7 +41,8 @@ def layer_forward(layer: Any, x: Array, training: Any = True, mask: Array | None
     if recorder is not None:
         layer.adjustment = recorder
     try:
-        y = layer(x, training=training, mask=mask)
+        with recording_moments() as statistics:
+            y = layer(x, training=training, mask=mask)
     finally:
         if recorder is not None:
             layer.adjustment = adjustment
@@ -62,6 +63,7 @@ def layer_forward(layer: Any, x: Array, training: Any = True, mask: Array | None
         mask=None if config.fused else mask,
         adjustment=recorder.value if (recorder is not None and is_training) else None,
         xp=xp,
+        moments=statistics.value,
     )
     return y, ctx
 

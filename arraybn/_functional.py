@@ -7,7 +7,8 @@ arithmetic (``arraybn._reference``), which defines every number computed.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextvars
+from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -89,9 +90,14 @@ def batch_norm(
     """
     if xp is None:
         xp = _namespace_of(x, params, state)
+    ops = select(x, xp)
+    sink = _RECORDERS.get()
+    if sink is not None and training:  # a forward whose backward reuses its statistics (`recording_moments`)
+        ops = _MomentsRecorder(ops)
+        sink.append(ops)
     return _reference.batch_norm(
         x, params, state, training=training, config=config, mask=mask, adjustment=adjustment,
-        trainable=trainable, ops=select(x, xp), xp=xp,
+        trainable=trainable, ops=ops, xp=xp,
     )  # fmt: skip
 
 
@@ -117,6 +123,70 @@ def apply_inference_map(x: Array, ops: Ops, m: InferenceMap, *, config: BNConfig
     """`inference_map`'s map applied to ``x`` (cast to the compute dtype first, as `batch_norm` does)."""
     x = _reference.cast(x, dtype_from_name(xp, config.compute_dtype), xp)
     return _reference.apply_map(x, m, ops=ops, xp=xp)
+
+
+_RECORDERS: contextvars.ContextVar[list[_MomentsRecorder] | None] = contextvars.ContextVar(
+    "arraybn_moments_recorders", default=None
+)
+
+
+class _MomentsRecorder(Ops):
+    """The operations ``ops`` of one call, keeping the batch statistics their `moments` computed."""
+
+    def __init__(self, ops: Ops) -> None:
+        self.ops = ops
+        self.name, self.bounds = ops.name, ops.bounds
+        self.seen: list[_reference.RecordedMoments] = []
+
+    def sum(self, x: Array, axes: Sequence[int], xp: ModuleType) -> Array:
+        return self.ops.sum(x, axes, xp)
+
+    def moments(self, x: Array, axes: Sequence[int], xp: ModuleType) -> tuple[Array, Array]:
+        mean, variance = self.ops.moments(x, axes, xp)
+        self.seen.append(_reference.RecordedMoments(self.ops, tuple(axes), tuple(x.shape), x.dtype, mean, variance))
+        return mean, variance
+
+    def affine(self, x: Array, scale: Array, shift: Array, center: Array | None, xp: ModuleType) -> Array:
+        return self.ops.affine(x, scale, shift, center, xp)
+
+    def coefficients(self, *args: Any) -> _reference.Coefficients:
+        return self.ops.coefficients(*args)
+
+    def backward_sums(
+        self, x: Array, dy: Array, mean: Array, axes: Sequence[int], xp: ModuleType
+    ) -> tuple[Array, Array, Array]:
+        return self.ops.backward_sums(x, dy, mean, axes, xp)
+
+    def backward_dx(self, x: Array, dy: Array, mean: Array, k: Array, p: Array, q: Array, xp: ModuleType) -> Array:
+        return self.ops.backward_dx(x, dy, mean, k, p, q, xp)
+
+
+class _Recording:
+    """What `recording_moments` found: ``value``, the statistics of the one training call made under it."""
+
+    def __init__(self) -> None:
+        self.value: _reference.RecordedMoments | None = None
+
+
+class recording_moments:  # noqa: N801 - used as a function (a context manager)
+    """Keep the batch statistics of the training call of `batch_norm` made inside (``with ... as found``:
+    ``found.value`` after the block), for a backward to reuse (`BNContext.moments`).
+
+    Recorded only where that call computed one set of statistics (a mask's
+    weighted statistics are not `moments`); anything else leaves ``None``,
+    and the backward recomputes.
+    """
+
+    def __enter__(self) -> _Recording:
+        self.found = _Recording()
+        self.token = _RECORDERS.set([])
+        return self.found
+
+    def __exit__(self, *exc: object) -> None:
+        recorders = _RECORDERS.get() or []
+        _RECORDERS.reset(self.token)
+        if len(recorders) == 1 and len(recorders[0].seen) == 1:
+            self.found.value = recorders[0].seen[0]
 
 
 class _Recorder:
@@ -152,10 +222,11 @@ def batch_norm_forward(
     if xp is None:
         xp = _namespace_of(x, params, state, mask)
     recorder = _Recorder(adjustment) if adjustment is not None else None
-    y, new_state = batch_norm(
-        x, params, state, training=training, config=config, mask=mask, adjustment=recorder,
-        trainable=trainable, xp=xp,
-    )  # fmt: skip
+    with recording_moments() as statistics:
+        y, new_state = batch_norm(
+            x, params, state, training=training, config=config, mask=mask, adjustment=recorder,
+            trainable=trainable, xp=xp,
+        )  # fmt: skip
     ctx = BNContext(
         x=x,
         params=params,
@@ -165,6 +236,7 @@ def batch_norm_forward(
         mask=None if config.fused else mask,
         adjustment=recorder.value if recorder is not None else None,
         xp=xp,
+        moments=statistics.value,
     )
     return y, new_state, ctx
 

@@ -406,6 +406,29 @@ def moments(x: Array, axes: Sequence[int], *, ops: Ops = REFERENCE, xp: ModuleTy
     return ops.moments(x, tuple(axes), xp)
 
 
+class RecordedMoments(NamedTuple):
+    """The statistics a forward's `moments` computed, and what decided them (`BNContext.moments`)."""
+
+    ops: Ops
+    axes: tuple[int, ...]
+    shape: tuple[int, ...]
+    dtype: Any
+    mean: Array
+    variance: Array
+
+
+def _batch_moments(ctx: BNContext, x: Array, axes: Sequence[int], ops: Ops, xp: ModuleType) -> tuple[Array, Array]:
+    """``moments(x, axes)`` for the backward: the forward's own statistics where it computed these (the same
+    operations over the same axes of an input of the same shape and dtype: the same values), else recomputed."""
+    r = ctx.moments
+    if (
+        isinstance(r, RecordedMoments) and r.ops is ops and r.axes == tuple(axes)
+        and r.shape == tuple(x.shape) and r.dtype == x.dtype
+    ):  # fmt: skip
+        return r.mean, r.variance
+    return moments(x, axes, ops=ops, xp=xp)
+
+
 def weighted_moments(
     x: Array, axes: Sequence[int], frequency_weights: Array, *, ops: Ops = REFERENCE, xp: ModuleType
 ) -> tuple[Array, Array]:
@@ -859,7 +882,8 @@ def batch_norm_vjp(ctx: BNContext, dy: Array, *, ops: Ops = REFERENCE) -> BNGrad
 
     Sums run over the statistics' axes (per ghost batch) for ``dx`` and over
     every non-channel axis for ``dgamma``/``dbeta``. The batch statistics are
-    recomputed from ``x`` with the forward's own functions.
+    the forward's (`BNContext.moments`), or recomputed from ``x`` with the
+    forward's own functions: the same values.
     """
     xp, config = ctx.xp, ctx.config
     check_vjp_arguments(dy, ctx.x, xp, training=ctx.training)
@@ -917,12 +941,12 @@ def _vjp_factors(
         mean, variance = (cast(_reshaped(v, bshape, xp), work, xp) for v in ctx.state[:2])
         return _Factors(mean, variance, gamma, None, None, None)
     if config.fused:
-        mean, variance = moments(x, stat_axes, ops=ops, xp=xp)
+        mean, variance = _batch_moments(ctx, x, stat_axes, ops, xp)
         return _Factors(mean, variance, gamma, None, None, None)
     xs = cast(x, dtype_from_name(xp, config.param_dtype), xp)
     w = None
     if ctx.mask is None:
-        mean, variance = moments(xs, stat_axes, ops=ops, xp=xp)
+        mean, variance = _batch_moments(ctx, xs, stat_axes, ops, xp)
     else:
         w = mask_weights(ctx.mask, xs, dtype_from_name(xp, config.compute_dtype), xp, config.virtual_batch_size)
         mean, variance = weighted_moments(xs, stat_axes, w, ops=ops, xp=xp)

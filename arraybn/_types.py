@@ -104,8 +104,12 @@ class BNContext:
     function returned during the forward (``None`` without one or outside
     training), so that a random adjustment is differentiated with the values
     the forward used. ``mask`` is ``None`` on the fused path, which ignores it.
-    The batch statistics are recomputed by the backward from ``x`` rather than
-    stored.
+    ``moments`` holds the batch statistics a training forward computed
+    (``arraybn._reference.RecordedMoments``: the per-channel mean and variance,
+    the operations that computed them and the input they saw); the backward
+    uses them where it would compute the very same ones, and recomputes them
+    from ``x`` otherwise (``None``: a context made by hand, an inference call,
+    a mask's weighted statistics).
     """
 
     x: Array
@@ -116,3 +120,4 @@ class BNContext:
     mask: Array | None
     adjustment: tuple[Any, Any] | None
     xp: ModuleType
+    moments: Any = None

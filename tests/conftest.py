@@ -56,8 +56,8 @@ def recorded(monkeypatch, owner, name: str, keep=lambda result: True) -> list:  
     results: list = []  # type: ignore[type-arg]
     original = getattr(owner, name)
 
-    def recording(*args):  # type: ignore[no-untyped-def]
-        result = original(*args)
+    def recording(*args, **kwargs):  # type: ignore[no-untyped-def]
+        result = original(*args, **kwargs)
         if keep(result):
             results.append(result)
         return result

@@ -364,6 +364,82 @@ def test_forward_matches_batch_norm_bitwise(xp: Any, asarray: Any, backend_name:
     assert tuple(grads.dx.shape) == (8, 3)
 
 
+# (shape, config keywords): fused NHWC, non-fused 2-D, ghost batches, renorm with an adjustment, a mask
+REUSE_CASES = [
+    ((6, 5, 4, 8), {"axis": (3,), "rank": 4, "param_shape": (8,), "fused": True}),
+    ((64, 6), {"axis": (1,), "rank": 2, "param_shape": (6,)}),
+    ((12, 5, 3), {"axis": (2,), "rank": 3, "param_shape": (3,), "virtual_batch_size": 4}),
+    ((16, 4), {"axis": (1,), "rank": 2, "param_shape": (4,), "renorm": True}),
+    ((10, 7, 3), {"axis": (2,), "rank": 3, "param_shape": (3,), "mask": True}),
+]
+
+
+@pytest.mark.parametrize(("shape", "options"), REUSE_CASES, ids=["fused", "non-fused", "ghost", "renorm", "mask"])
+def test_backward_reuses_the_forwards_statistics(
+    shape: tuple[int, ...], options: dict[str, Any], xp: Any, asarray: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pair's backward takes the statistics its forward computed (no second pass over ``x``): the same
+    bits as `batch_norm_vjp`, which recomputes them. A mask's weighted statistics are recomputed."""
+    from conftest import recorded
+
+    from arraybn import _reference
+
+    options = dict(options)
+    with_mask = options.pop("mask", False)
+    config = BNConfig(**options)
+    rng = np.random.default_rng(len(shape))
+    x = asarray((rng.normal(size=shape) * 3 + 50).astype(np.float32))
+    dy = asarray(rng.normal(size=shape).astype(np.float32))
+    c = config.param_shape[0]
+    params = BNParams(asarray(rng.uniform(0.5, 2, c).astype(np.float32)), asarray(rng.normal(size=c).astype(np.float32)))
+    ones, zeros = asarray(np.ones(c, np.float32)), asarray(np.zeros(c, np.float32))
+    state = BNState(zeros, ones, ones if config.renorm else None, zeros if config.renorm else None,
+                    ones if config.renorm else None)  # fmt: skip
+    mask = asarray((rng.uniform(size=shape[:-1]) > 0.3).astype(np.float32)) if with_mask else None
+    adjustment = (lambda s: (1.5, 0.25)) if config.renorm else None
+    _, _, ctx = batch_norm_forward(x, params, state, training=True, config=config, mask=mask, adjustment=adjustment)
+    assert (ctx.moments is None) == with_mask
+    passes = recorded(monkeypatch, _reference, "moments")
+    weighted = recorded(monkeypatch, _reference, "weighted_moments")
+    got = batch_norm_backward(ctx, dy)
+    assert (len(passes), len(weighted)) == ((0, 1) if with_mask else (0, 0))
+    monkeypatch.undo()
+    want = batch_norm_vjp(x, params, state, dy, training=True, config=config, mask=mask, adjustment=adjustment)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(to_numpy(a), to_numpy(b))
+
+
+def test_statistics_of_other_operations_are_recomputed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A forward under one schedule, its backward under another: the backward computes its own statistics
+    (its gradients are those of its own schedule); an inference context has none to reuse."""
+    from conftest import recorded
+
+    from arraybn import _reference
+
+    rng = np.random.default_rng(3)
+    x = (rng.normal(size=(512, 1024)) * 2 + 7).astype(np.float32)  # 2 MiB: numba-kernels' size where installed
+    dy = rng.normal(size=x.shape).astype(np.float32)
+    config = BNConfig(axis=(1,), rank=2, param_shape=(1024,))
+    params = BNParams(np.ones(1024, np.float32), np.zeros(1024, np.float32))
+    state = BNState(np.zeros(1024, np.float32), np.ones(1024, np.float32))
+    with arraybn.schedule("reference"):
+        _, _, ctx = batch_norm_forward(x, params, state, training=True, config=config)
+    assert ctx.moments is not None and ctx.moments.ops.name == "reference"
+    passes = recorded(monkeypatch, _reference, "moments")
+    got = batch_norm_backward(ctx, dy)
+    auto = arraybn._schedules.select(x, ctx.xp).name
+    assert len(passes) == (0 if auto == "reference" else 1)
+    monkeypatch.undo()
+    want = batch_norm_vjp(x, params, state, dy, training=True, config=config)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b)
+    _, ctx = layer_forward(arraybn.BatchNormalization(), x, training=False)
+    assert ctx.moments is None
+    layer = arraybn.BatchNormalization()
+    _, ctx = layer_forward(layer, x)
+    assert ctx.moments is not None  # the layer pair records them too
+
+
 def test_random_adjustment_is_differentiated_with_the_forward_values() -> None:
     rng = np.random.default_rng(0)
     draws = iter([(1.5, 0.25), (0.5, -1.0)])
