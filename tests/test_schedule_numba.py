@@ -89,6 +89,62 @@ def test_elementwise_passes_are_bitwise_the_reference(loops, namespace, shape, c
     assert len(loops) == 3
 
 
+# (rule, dtype, the moving statistics' update, gamma given, beta given): every form the compiled loop takes
+COEFFICIENT_FORMS = [
+    *[("fused", np.float32, update, True, True) for update in (None, "fused", "replace")],
+    *[("non_fused", dtype, update, g, b) for dtype in (np.float32, np.float64) for update in (None, "assign_sub")
+      for g in (True, False) for b in (True, False)],
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("namespace", ["numpy", "torch"])
+@pytest.mark.parametrize(("rule", "dtype", "update", "with_gamma", "with_beta"), COEFFICIENT_FORMS)
+def test_coefficients_are_bitwise_the_reference(namespace, rule, dtype, update, with_gamma, with_beta) -> None:  # type: ignore[no-untyped-def]
+    """The per-channel arithmetic in one compiled loop gives the reference's bits, zeros' signs, infinities
+    and NaN included (on torch with torch's own square root, which is not correctly rounded on every CPU)."""
+    from arraybn._reference import MovingUpdate
+
+    wrap, unwrap, ns = _namespace(namespace)
+    rng = np.random.default_rng(len(COEFFICIENT_FORMS))
+    p = 1000
+    mean, variance, gamma, beta = (rng.standard_normal((1, 1, p)).astype(dtype) * 10 for _ in range(4))
+    variance = np.abs(variance)
+    variance[0, 0, :3] = [0.0, np.inf, np.nan]
+    mean[0, 0, 3:6] = [0.0, -0.0, np.nan]
+    moving = [wrap(rng.standard_normal(p).astype(dtype)), wrap(np.abs(rng.standard_normal(p)).astype(dtype))]
+    bessel = 1.0 if rule == "non_fused" else 4096 / 4095
+    momentum = 0.0 if update == "replace" else 0.99
+    upd = None if update is None else MovingUpdate(*moving, momentum, "assign_sub" if update == "assign_sub" else "fused", bessel)
+    args = (wrap(mean), wrap(variance), wrap(gamma) if with_gamma else None, wrap(beta) if with_beta else None,
+            0.001 if rule == "non_fused" else float(np.float32(0.001)), upd)  # fmt: skip
+    with np.errstate(all="ignore"):
+        want = REFERENCE.coefficients(rule, *args, ns)
+        got = OPS.coefficients(rule, *args, ns)
+        assert nk.coefficients(rule, *args) is not None  # the loop computed it
+    for w, g in zip(want, got, strict=True):
+        assert (w is None) == (g is None)
+        if w is not None:
+            assert type(g) is type(w) and g.dtype == w.dtype and tuple(g.shape) == tuple(w.shape)
+            np.testing.assert_array_equal(unwrap(g).view(np.uint8), unwrap(w).view(np.uint8))
+
+
+def test_coefficients_outside_the_loops_forms_are_the_reference() -> None:
+    """float64 vectors under the fused rule, a momentum that is an array, the assign_sub update of the fused
+    rule, an absent gamma on the fused rule and mixed dtypes are left to the reference."""
+    from arraybn._reference import MovingUpdate
+
+    v32, v64 = np.ones((1, 4), np.float32), np.ones((1, 4))
+    m32 = [np.ones(4, np.float32), np.ones(4, np.float32)]
+    assert nk.coefficients("fused", v64, v64, v64, v64, 1e-3, None) is None
+    assert nk.coefficients("fused", v32, v32, None, v32, 1e-3, None) is None
+    assert nk.coefficients("fused", v32, v32, v32, v32, 1e-3, MovingUpdate(*m32, 0.99, "assign_sub", 2.0)) is None
+    assert nk.coefficients("non_fused", v32, v32, v32, v32, 1e-3, MovingUpdate(*m32, np.array(0.99), "assign_sub")) is None
+    assert nk.coefficients("non_fused", v32, v64, v32, v32, 1e-3, None) is None
+    assert nk.coefficients("non_fused", v32, v32, v32, v32, np.float32(1e-3), None) is None
+    c = OPS.coefficients("fused", v64, v64, v64, v64, 1e-3, None, xp)
+    np.testing.assert_array_equal(c.scale, REFERENCE.coefficients("fused", v64, v64, v64, v64, 1e-3, None, xp).scale)
+
+
 @pytest.mark.parametrize(("shape", "channel"), SHAPES)
 @pytest.mark.parametrize("offset", [0.0, 1e3])
 def test_float32_moments_are_at_least_as_accurate_as_the_reference(loops, shape, channel, offset) -> None:  # type: ignore[no-untyped-def]

@@ -8,7 +8,9 @@ three roundings in the same order (no fused multiply-add: Numba compiles
 without floating-point contraction unless asked, and the tests hold every
 elementwise pass to the reference bit for bit). The statistics and the
 backward's sums are loops too, accumulated in float64 whatever the input's
-dtype, and rounded once:
+dtype, and rounded once (the per-channel arithmetic between a training call's
+passes is one compiled loop as well, `coefficients`, with the reference's
+roundings):
 
 * float32 statistics take one pass: the float64 sums of ``d = x - s`` and
   ``d ** 2`` around a per-channel float32 shift ``s`` (the mean of the
@@ -70,7 +72,7 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
-from .._reference import Ops
+from .._reference import Coefficients, MovingUpdate, Ops, decay_operand, fused_factors
 from . import numpy_blocked as blocked
 from . import falls_back, pairwise_sum
 
@@ -308,6 +310,39 @@ def kernels() -> Any:
             m, kc, pc, qc = mean[ch], k[ch], p[ch], q[ch]
             for i in range(n):
                 out[r, i] = dy[r, i] * kc + ((x[r, i] - m) * pc + qc)
+
+    # ---- per-channel arithmetic between the passes (Ops.coefficients; _kernels.cu's two kernels) ----
+    # Every operation is one IEEE operation in the vectors' dtype (float32 scalars stay float32 in Numba);
+    # ``root`` is ``sqrt(variance + epsilon)`` in float64 for float32 vectors, formed by the caller with the
+    # arrays' own library (torch's square root is not correctly rounded); ``gamma / root`` is rounded once
+    # by the store: the reference's bits.
+
+    @jit
+    def fused_coefficients(means, variances, root, gamma, beta, moving_mean, moving_variance, keep, mean_factor,
+                           variance_factor, update, replace, center, scale, shift, new_mean, new_variance):  # fmt: skip
+        for i in range(means.shape[0]):
+            mean, variance = means[i], variances[i]
+            center[i] = mean
+            scale[i] = np.float64(gamma[i]) / root[i]
+            shift[i] = beta[i]
+            if replace:
+                new_mean[i] = mean_factor * mean
+                new_variance[i] = variance_factor * variance
+            elif update:
+                new_mean[i] = keep * moving_mean[i] + mean_factor * mean
+                new_variance[i] = keep * moving_variance[i] + variance_factor * variance
+
+    @jit
+    def coefficients(means, variances, root, gamma, beta, moving_mean, moving_variance, decay, has_gamma, has_beta,
+                     update, scale, shift, new_mean, new_variance):  # fmt: skip
+        for i in range(means.shape[0]):
+            mean, variance = means[i], variances[i]
+            scale[i] = np.float64(gamma[i]) / root[i] if has_gamma else 1.0 / root[i]
+            inv = scale[i]
+            shift[i] = beta[i] - mean * inv if has_beta else -mean * inv
+            if update:
+                new_mean[i] = moving_mean[i] - (moving_mean[i] - mean) * decay
+                new_variance[i] = moving_variance[i] - (moving_variance[i] - variance) * decay
 
     return dict(locals())
 
@@ -775,15 +810,16 @@ class NumbaKernels(Ops):
     schedule computes (numpy-blocked for NumPy, torch-eager for torch). The
     statistics and the backward's sums are accumulated in float64 and rounded
     once (float32 statistics in one pass around a per-channel shift): within
-    rounding of the reference's, and at least as accurate; the scale-and-shift
-    and the backward's elementwise gradient are the reference's operations, bit
-    for bit.
+    rounding of the reference's, and at least as accurate; the scale-and-shift,
+    the backward's elementwise gradient and the per-channel arithmetic between
+    the passes (`coefficients`) are the reference's operations, bit for bit.
     """
 
     name = "numba-kernels"
     bounds = {
         "moments": "sum order",
         "affine": "bitwise",
+        "coefficients": "bitwise",
         "backward_sums": "sum order",
         "backward_dx": "bitwise",
     }
@@ -838,6 +874,14 @@ class NumbaKernels(Ops):
         affine(host, vectors[0], vectors[1], center_vector, lay, np, view, not _is_numpy(x))
         return y
 
+    @falls_back
+    def coefficients(
+        self, rule: str, mean: Array, variance: Array, gamma: Array | None, beta: Array | None, epsilon: Any,
+        update: MovingUpdate | None, xp: ModuleType,
+    ) -> Coefficients:  # fmt: skip
+        result = coefficients(rule, mean, variance, gamma, beta, epsilon, update)
+        return super().coefficients(rule, mean, variance, gamma, beta, epsilon, update, xp) if result is None else result
+
     @_checked
     def backward_sums(
         self, x: Array, dy: Array, mean: Array, axes: Sequence[int], xp: ModuleType
@@ -872,6 +916,92 @@ class NumbaKernels(Ops):
         out, view = _empty(x, host)
         backward_dx(host, grad, vectors, lay, np, view, not _is_numpy(x))
         return out
+
+
+def coefficients(
+    rule: str, mean: Array, variance: Array, gamma: Array | None, beta: Array | None, epsilon: Any,
+    update: MovingUpdate | None,
+) -> Coefficients | None:  # fmt: skip
+    """`Ops.coefficients` in one compiled loop over the channels (``_kernels.cu``'s two kernels, on the CPU),
+    for float32 (either rule) and float64 (the non-fused rule) vectors that NumPy can see without a copy,
+    Python numbers for ``epsilon`` and the momentum, and the update form of the rule; None otherwise.
+
+    Between a training call's passes the reference makes about a dozen
+    operations on per-channel vectors; on a CPU, after a large pass has left
+    the caches, their Python steps cost a few hundred microseconds. Here they
+    are one call, each operation rounded as the reference's (the same bits).
+    """
+    import numpy as np
+
+    if not isinstance(epsilon, float) or (update is not None and not isinstance(update.momentum, (int, float))):
+        return None
+    if update is not None and (update.rule != ("fused" if rule == "fused" else "assign_sub") or
+                               (rule != "fused" and update.bessel != 1.0)):  # fmt: skip
+        return None
+    given = [mean, variance, gamma, beta] + ([] if update is None else [update.moving_mean, update.moving_variance])
+    views = [None if a is None else _host(a) for a in given]
+    host = views[0]
+    if host is None or host.dtype not in ((np.float32,) if rule == "fused" else (np.float32, np.float64)):
+        return None
+    p = host.size
+    if any(v is None or v.dtype != host.dtype or v.size != p for v, a in zip(views, given) if a is not None):
+        return None
+    if rule == "fused" and (gamma is None or beta is None):
+        return None
+    dt = host.dtype.type
+    vectors = [None if v is None else v.reshape(p) for v in views]
+    mean_v, variance_v, gamma_v, beta_v = vectors[:4]
+    root = _root(variance_v + dt(epsilon), like=mean)
+    moving = vectors[4:] if update is not None else [mean_v, variance_v]  # not read without an update
+    outs = [_new_vector(mean, p, host.dtype) for _ in range(5 if rule == "fused" else 4)]
+    k = kernels()
+    if rule == "fused":
+        keep, mean_factor, replace = (0.0, 0.0, False) if update is None else fused_factors(float(update.momentum), 1.0)
+        variance_factor = 0.0 if update is None else fused_factors(float(update.momentum), float(update.bessel))[1]
+        k["fused_coefficients"](mean_v, variance_v, root, gamma_v, beta_v, *moving, dt(keep), dt(mean_factor),
+                                dt(variance_factor), update is not None, replace, *(v for _, v in outs))  # fmt: skip
+        center, scale, shift, new_mean, new_variance = (a for a, _ in outs)
+    else:
+        decay = 0.0 if update is None else decay_operand(update.momentum, host.dtype, np, None)
+        k["coefficients"](mean_v, variance_v, root, mean_v if gamma_v is None else gamma_v,
+                          mean_v if beta_v is None else beta_v, *moving, dt(decay), gamma is not None, beta is not None,
+                          update is not None, *(v for _, v in outs))  # fmt: skip
+        center = None
+        scale, shift, new_mean, new_variance = (a for a, _ in outs)
+    shape = tuple(mean.shape)
+    return Coefficients(
+        None if center is None else center.reshape(shape),
+        scale.reshape(shape),
+        shift.reshape(shape),
+        None if update is None else new_mean.reshape(tuple(update.moving_mean.shape)),
+        None if update is None else new_variance.reshape(tuple(update.moving_variance.shape)),
+    )
+
+
+def _root(t: Array, like: Array) -> Array:
+    """``sqrt(t)`` of a NumPy vector in float64 (float32 ``t`` widened first, as `inverse_stddev` does), taken
+    by ``like``'s library: NumPy's is correctly rounded, torch's (on CPUs with AVX-512 at least) is not."""
+    import numpy as np
+
+    wide = t.astype(np.float64)
+    if isinstance(like, np.ndarray):
+        return np.sqrt(wide, out=wide)
+    import torch
+
+    return torch.sqrt(torch.from_numpy(wide)).numpy()
+
+
+def _new_vector(like: Array, p: int, dtype: Any) -> tuple[Array, Array]:
+    """A new ``(p,)`` vector in ``like``'s library (NumPy or torch), and its NumPy view."""
+    import numpy as np
+
+    if isinstance(like, np.ndarray):
+        out = np.empty(p, dtype)
+        return out, out
+    import torch
+
+    out = torch.empty(p, dtype=torch.float32 if dtype == np.float32 else torch.float64)
+    return out, out.numpy()
 
 
 def _next(x: Array) -> Ops:
