@@ -39,7 +39,7 @@ from types import ModuleType
 from typing import Any, NamedTuple
 
 from . import _functional
-from ._namespace import float_errors_ignored, is_numpy_array, is_torch_array
+from ._namespace import dtype_from_name, float_errors_ignored, is_numpy_array, is_torch_array
 from ._reference import InferenceMap, Ops
 from ._schedules import get_schedule
 from ._types import BNConfig
@@ -71,6 +71,7 @@ class InferencePlan(NamedTuple):
     xp: ModuleType
     config: BNConfig
     map: InferenceMap
+    runner: Any  # the schedule's bound scale-and-shift for this map (``bind_affine``), or None
 
     @classmethod
     def make(
@@ -98,7 +99,10 @@ class InferencePlan(NamedTuple):
             return None
         kind = (type(inputs), tuple(inputs.shape), inputs.dtype, getattr(inputs, "device", None), on_torch)
         saved = tuple(h.tobytes() for h in host)
-        return cls(kind, settings_of(layer), weights, host, saved, ops, xp, config, m)
+        runner, bind = None, getattr(ops, "bind_affine", None)
+        if bind is not None and m.view is None and inputs.dtype == m.dtype == dtype_from_name(xp, config.compute_dtype):
+            runner = bind(inputs, m.scale, m.shift, m.center, xp)  # every cast of apply_inference_map is a no-op
+        return cls(kind, settings_of(layer), weights, host, saved, ops, xp, config, m, runner)
 
     def run(self, layer: Any, inputs: Array) -> Array | None:
         """The output of ``layer(inputs)`` in inference without a mask, where this plan holds; else None."""
@@ -120,6 +124,10 @@ class InferencePlan(NamedTuple):
             return None
         if any(h.tobytes() != b for h, b in zip(self.host, self.saved, strict=True)):
             return None
+        if self.runner is not None:
+            y = self.runner(inputs)  # the same loops as the schedule's affine, the map's vectors prepared once
+            if y is not None:
+                return y
         with float_errors_ignored(self.xp):
             return _functional.apply_inference_map(inputs, ops, self.map, config=self.config, xp=self.xp)
 

@@ -255,3 +255,52 @@ def test_planned_call_under_a_mixed_policy(monkeypatch, to_lib, kwargs) -> None:
     runs = _planned_runs(monkeypatch)
     _same_bits(layer(x), expected)
     assert len(runs) == 1
+
+
+# a plan with the compiled loops' bound scale-and-shift (numba-kernels, inputs of at least 1 MiB): 2-D rows,
+# NHWC rows of tiled channel vectors with a tail (7623 positions, two 48-channel vectors a row), NCHW runs
+BOUND = [((8192, 64), {}), ((7, 33, 33, 48), {}), ((4, 48, 40, 40), {"axis": 1})]
+
+
+@pytest.mark.parametrize(("shape", "kwargs"), BOUND)
+def test_a_bound_pass_gives_the_full_calls_bits(monkeypatch, to_lib, shape, kwargs) -> None:
+    """Where the schedule binds its scale-and-shift to the plan's map, the planned call runs it: the same
+    loops and pieces as the full call, the same bits. A strided input of the same shape and dtype takes the
+    schedule's own path instead, with the same bits too."""
+    pytest.importorskip("numba")
+    from arraybn._schedules.numba_kernels import NumbaKernels
+
+    layer, x = _trained(shape, kwargs, to_lib)
+    expected = _full(layer, x)
+    assert layer._plan is not None and layer._plan.runner is not None
+    runs = _planned_runs(monkeypatch)
+    general = recorded(monkeypatch, NumbaKernels, "affine")
+    _same_bits(layer(x), expected)
+    assert (len(runs), len(general)) == (1, 0)  # planned, through the bound pass
+    if hasattr(x, "numpy"):  # torch: a transposed copy seen through its transpose (same shape, strided)
+        strided = x.transpose(0, -1).contiguous().transpose(0, -1)
+    else:
+        strided = np.asfortranarray(x)
+    assert tuple(strided.shape) == shape
+    _same_bits(layer(strided), expected)
+    assert (len(runs), len(general)) == (2, 1)  # planned; the bound pass declined it (strided), affine computed
+
+
+def test_a_failing_bound_pass_switches_the_schedule_off_with_one_warning(monkeypatch, to_lib) -> None:
+    """A failure inside the bound pass is the schedule's: it is switched off (one RuntimeWarning, as
+    falls_back does) and the call still returns the full call's bits (the reference's scale-and-shift)."""
+    pytest.importorskip("numba")
+    from arraybn import _schedules
+    from arraybn._schedules import numba_kernels
+
+    layer, x = _trained((8192, 64), {}, to_lib)
+    expected = _full(layer, x)
+    monkeypatch.setattr(numba_kernels._AffinePass, "__call__", lambda *a: 1 / 0)
+    try:
+        with pytest.warns(RuntimeWarning, match="numba-kernels") as caught:
+            got = layer(x)
+        assert len([w for w in caught if "numba-kernels" in str(w.message)]) == 1
+        assert "numba-kernels" in _schedules.disabled()
+        _same_bits(got, expected)
+    finally:
+        _schedules._DISABLED.pop("numba-kernels", None)

@@ -68,13 +68,13 @@ import math
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
 
 from .._reference import Coefficients, MovingUpdate, Ops, decay_operand, fused_factors
 from . import numpy_blocked as blocked
-from . import falls_back, pairwise_sum
+from . import _DISABLED, disable, falls_back, pairwise_sum
 
 Array = Any
 
@@ -370,13 +370,7 @@ class _View:
 
     def tiled(self, v: Array) -> Array:
         """A ``(C,)`` vector repeated along a channels-last row."""
-        import numpy as np
-
-        if not self.last or self.lay.k == 1:
-            return v  # channels in the middle, or rows of one channel vector: the vector itself
-        out = np.empty((self.lay.k, self.lay.c), v.dtype)
-        out[...] = v  # (np.tile's Python steps cost more than the copy)
-        return out.reshape(-1)
+        return _tiled(v, self.lay)
 
     def fold(self, row_totals: Array, tail_totals: Array | None) -> Array:
         """Per-row-position float64 totals ``(..., k * C)`` summed to per-channel totals ``(..., C)``."""
@@ -385,6 +379,18 @@ class _View:
         lead = row_totals.shape[:-1]
         folded = row_totals.reshape(*lead, self.lay.k, self.lay.c).sum(axis=-2)
         return folded if tail_totals is None else folded + tail_totals
+
+
+def _tiled(v: Array, lay: blocked.Layout) -> Array:
+    """A ``(C,)`` vector repeated along a channels-last row of layout ``lay`` (the vector itself for channels in
+    the middle, or rows of one channel vector)."""
+    import numpy as np
+
+    if lay.b != 1 or lay.k == 1:
+        return v
+    out = np.empty((lay.k, lay.c), v.dtype)
+    out[...] = v  # (np.tile's Python steps cost more than the copy)
+    return out.reshape(-1)
 
 
 def _layout(x: Array, channel: int, np: ModuleType, row_elements: int = _SUM_ROW_ELEMENTS) -> blocked.Layout | None:
@@ -675,17 +681,32 @@ def affine(
 ) -> Array:  # fmt: skip
     """``(x - center) * scale + shift`` (``center`` None: ``x * scale + shift``), rounded per operation, into
     ``y`` (shaped as ``x``; `_empty`)."""
-    k = kernels()
-    src, out = _View(x, lay, np), _View(y, lay, np)
-    vectors = (scale, shift) if center is None else (center, scale, shift)
-    name = "rows_scale" if center is None else "rows_affine"
-    if src.last:
-        _run_pieces(name, src.rows.shape[0], (src.rows, *(src.tiled(v) for v in vectors)), (out.rows,), openmp=openmp)
-        if src.tail is not None:
-            k[name](src.tail, *vectors, 0, src.tail.shape[0], out.tail)
+    return _AffinePass(lay, scale, shift, center)(x, y, openmp)
+
+
+class _AffinePass:
+    """The scale-and-shift of arrays with layout ``lay`` by fixed per-channel ``(C,)`` vectors, its tiled
+    vectors made once (`affine`; a layer's inference plan keeps one, `NumbaKernels.bind_affine`)."""
+
+    def __init__(self, lay: blocked.Layout, scale: Array, shift: Array, center: Array | None) -> None:
+        self.lay = lay
+        self.vectors = (scale, shift) if center is None else (center, scale, shift)
+        self.name = "rows_scale" if center is None else "rows_affine"
+        self.last = lay.b == 1
+        self.tiled = tuple(_tiled(v, lay) for v in self.vectors)
+
+    def __call__(self, x: Array, y: Array, openmp: bool) -> Array:
+        import numpy as np
+
+        src, out = _View(x, self.lay, np), _View(y, self.lay, np)
+        if self.last:
+            _run_pieces(self.name, src.rows.shape[0], (src.rows, *self.tiled), (out.rows,), openmp=openmp)
+            if src.tail is not None:
+                kernels()[self.name](src.tail, *self.vectors, 0, src.tail.shape[0], out.tail)
+            return y
+        head = (src.rows, *self.vectors, self.lay.c)
+        _run_pieces(f"channel_{self.name}", src.rows.shape[0], head, (out.rows,), openmp=openmp)
         return y
-    _run_pieces(f"channel_{name}", src.rows.shape[0], (src.rows, *vectors, lay.c), (out.rows,), openmp=openmp)
-    return y
 
 
 def backward_sums(
@@ -756,6 +777,16 @@ def _host(a: Array) -> Array | None:
     if torch.compiler.is_compiling():  # torch.compile plans its own passes
         return None
     return a.detach().numpy() if a.requires_grad else a.numpy()
+
+
+def _contiguous_host(x: Array, on_torch: bool) -> Array | None:
+    """The NumPy view of an input a bound pass was made for (its type, dtype and device checked by the
+    caller, outside autograd), or None where it is strided."""
+    if not on_torch:
+        return x if x.flags.c_contiguous else None
+    if not x.is_contiguous() or x.is_neg() or x.is_conj():
+        return None
+    return x.numpy()
 
 
 def _itemsize(x: Array) -> int:
@@ -873,6 +904,47 @@ class NumbaKernels(Ops):
         y, view = _empty(x, host)
         affine(host, vectors[0], vectors[1], center_vector, lay, np, view, not _is_numpy(x))
         return y
+
+    def bind_affine(
+        self, x: Array, scale: Array, shift: Array, center: Array | None, xp: ModuleType
+    ) -> Callable[[Array], Array | None] | None:  # fmt: skip
+        """`affine` with ``scale``, ``shift`` and ``center`` fixed, for inputs of ``x``'s type, shape and dtype
+        (a layer's inference plan, ``arraybn._plan``): the layout and the tiled vectors made once, the same
+        loops and pieces per call (the same bits). None where `affine` would not take the loops for ``x``.
+
+        The function returns None where it does not compute (a strided input,
+        the schedule switched off, a failure, which switches it off as
+        `falls_back` does): the caller then calls `affine`.
+        """
+        import numpy as np
+
+        params = (scale, shift) if center is None else (scale, shift, center)
+        channel = blocked._channel_axis_of(tuple(x.shape), *(tuple(getattr(p, "shape", ())) for p in params))
+        prepared = self._prepare(x, channel, *params, rows=_MAP_ROW_ELEMENTS)
+        if prepared is None:
+            return None
+        lay, _, views = prepared
+        kept = _kept(x.shape, channel)
+        vectors = [np.array(_vector(v, kept, np)) for v in views]  # copies: the plan's own
+        step = _AffinePass(lay, vectors[0], vectors[1], None if center is None else vectors[2])
+        on_torch, name = not _is_numpy(x), self.name
+
+        def run(x: Array) -> Array | None:
+            if name in _DISABLED:
+                return None
+            blocked.thread_count()  # a bad ARRAYBN_NUM_THREADS raises, as in `affine`
+            host = _contiguous_host(x, on_torch)
+            if host is None:
+                return None
+            try:
+                y, view = _empty(x, host)
+                step(host, view, on_torch)
+            except Exception as error:  # noqa: BLE001 - as falls_back: switched off, the caller computes
+                disable(name, error)
+                return None
+            return y
+
+        return run
 
     @falls_back
     def coefficients(
