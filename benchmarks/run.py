@@ -289,8 +289,8 @@ def flags(r: dict[str, Any], copy_ms: float | None) -> list[str]:
     faulting = r.get("faulting_calls", 0)
     if faulting > FAULTING_SHARE * r.get("repeats", 0):
         out.append(
-            f"{faulting} of {r['repeats']} timed calls mapped fresh memory in (page faults: memory new to the process, or "
-            "given back to the system before); the median mixes two speeds: rerun"
+            f"{faulting} of {r['repeats']} timed calls mapped fresh memory in (page faults: memory new to the "
+            "process, or given back to the system before); the median mixes two speeds: rerun"
         )
     if r["mode"] != "copy" and copy_ms is not None:
         floor = MODES[r["mode"]][1]

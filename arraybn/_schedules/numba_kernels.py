@@ -74,13 +74,13 @@ from typing import Any
 
 from .._reference import Coefficients, MovingUpdate, Ops, decay_operand, fused_factors
 from . import numpy_blocked as blocked
-from . import _DISABLED, disable, falls_back, pairwise_sum
+from . import _DISABLED, disable, falls_back
 
 Array = Any
 
 _LEAF = 64  # values (rows, or 8-wide lanes) added into one partial sum before it moves up a level
 _SUM_ROW_ELEMENTS = 4096  # channels-last rows of the sums hold at least this many elements (fewer partial-sum updates)
-_MAP_ROW_ELEMENTS = 64  # and of the elementwise passes (64 channels: rows of 1024 ran 20-30% slower; docs/performance.md)
+_MAP_ROW_ELEMENTS = 64  # and of the elementwise passes (rows of 1024 ran 20-30% slower with 64 channels)
 _MIN_BYTES = 1 << 20  # below this the reference's expressions are as fast
 _MIN_INNER = 64  # channels in the middle: shorter runs per channel are left to the reference
 _OVERFLOW = 2.0**120  # a float64 total beyond this: the reference's float32 sums might overflow
@@ -311,6 +311,18 @@ def kernels() -> Any:
             for i in range(n):
                 out[r, i] = dy[r, i] * kc + ((x[r, i] - m) * pc + qc)
 
+    @jit
+    def first_rows_shift(x, rows, out):  # float32 x (a, c): per column, float64(float32(mean of the first rows))
+        c = x.shape[1]
+        for j in range(c):
+            out[j] = np.float64(x[0, j])
+        for r in range(1, rows):  # row after row, as NumPy's reduction along the first axis adds them
+            for j in range(c):
+                out[j] += np.float64(x[r, j])
+        for j in range(c):
+            m = np.float64(np.float32(out[j] / rows))
+            out[j] = m if np.isfinite(m) else 0.0
+
     # ---- per-channel arithmetic between the passes (Ops.coefficients; _kernels.cu's two kernels) ----
     # Every operation is one IEEE operation in the vectors' dtype (float32 scalars stay float32 in Numba);
     # ``root`` is ``sqrt(variance + epsilon)`` in float64 for float32 vectors, formed by the caller with the
@@ -409,15 +421,16 @@ def _layout(x: Array, channel: int, np: ModuleType, row_elements: int = _SUM_ROW
 
 def _run_pieces(
     name: str, n: int, head: tuple[Any, ...], tail: tuple[Any, ...], *, lanes: int = 0, width: int = 0, openmp: bool
-) -> list[Array]:
+) -> Array | None:
     """``kernels()[name](*head, lo, hi, *tail)`` for every piece ``[lo, hi)`` of the ``n`` rows (numpy_blocked's
     pieces: at most eight runs of near-equal length, ``n * i // count`` to ``n * (i + 1) // count``, the same
     on any thread count; the parallel-region bodies cut them by the same formula).
 
     With ``lanes``, each piece sums into its own zeroed float64 ``out`` of
     shape ``(lanes, width)`` (the kernel's last argument), and the outs are
-    returned in piece order. ``openmp`` (torch tensors): the pieces run on
-    torch's own OpenMP threads where that route is open (`_torch_threads`),
+    returned stacked in piece order (one array, ``(pieces, lanes, width)``).
+    ``openmp`` (torch tensors): the pieces run on torch's own OpenMP threads
+    where that route is open (`_torch_threads`),
     else on the calling thread and numpy_blocked's pool. A piece computes the
     same bits on whichever thread runs it.
     """
@@ -430,7 +443,7 @@ def _run_pieces(
         blocked._parallel(
             lambda i: kernel(*head, spans[i].start, spans[i].stop, *((outs[i],) if lanes else tail)), range(len(spans))
         )
-    return [] if outs is None else list(outs)
+    return outs
 
 
 # ---------------------------------------------------------------------------
@@ -602,6 +615,18 @@ def _launch(name: str, kinds: tuple[tuple[Any, ...], ...], heads: int, summing: 
     return numba.njit(nogil=True)(namespace["launch"])
 
 
+def _pairwise(parts: Array) -> Array:
+    """`pairwise_sum` of the stacked partial sums ``parts[0], parts[1], ...``: the same pairs added in the same
+    order, each level of the tree as one array operation."""
+    import numpy as np
+
+    while parts.shape[0] > 1:
+        odd = parts.shape[0] % 2
+        paired = parts[: parts.shape[0] - odd : 2] + parts[1::2]
+        parts = np.concatenate((paired, parts[-1:])) if odd else paired
+    return parts[0]
+
+
 def _totals(view: _View, name: str, head: tuple[Any, ...], tail_head: tuple[Any, ...], lanes: int, openmp: bool) -> Any:
     """``kernels()[name](*head, lo, hi, out)`` over the pieces, each into its own float64 ``out`` of ``lanes``
     rows, the pieces' totals added in piece order (pairwise); the tail's (channels last) through
@@ -609,7 +634,7 @@ def _totals(view: _View, name: str, head: tuple[Any, ...], tail_head: tuple[Any,
     import numpy as np
 
     width = view.rows.shape[1] if view.last else view.lay.c
-    total = pairwise_sum(_run_pieces(name, view.rows.shape[0], head, (), lanes=lanes, width=width, openmp=openmp))
+    total = _pairwise(_run_pieces(name, view.rows.shape[0], head, (), lanes=lanes, width=width, openmp=openmp))
     tail = None
     if view.tail is not None:
         tail = np.zeros((lanes, view.lay.c), np.float64)
@@ -638,10 +663,11 @@ def channel_moments(x: Array, lay: blocked.Layout, np: ModuleType, openmp: bool 
     view = _View(x, lay, np)
     n = lay.a * lay.b
     if x.dtype == np.float32:
-        shift = _shift(x, lay, np)
+        with np.errstate(invalid="ignore", over="ignore"):
+            shift = _shift(x, lay, np)
         d = _centred_totals(view, shift, openmp)
         with np.errstate(invalid="ignore", over="ignore"):
-            if _overflows(shift * n + d[0], x.dtype, np) or _overflows(d[1], x.dtype, np):
+            if (np.abs(shift * n + d[0]) > _OVERFLOW).any() or (np.abs(d[1]) > _OVERFLOW).any():  # `_overflows`
                 return None
             c = d[0] / n
             variance = np.maximum(d[1] / n - c * c, 0.0)
@@ -658,14 +684,18 @@ def channel_moments(x: Array, lay: blocked.Layout, np: ModuleType, openmp: bool 
 def _shift(x: Array, lay: blocked.Layout, np: ModuleType) -> Array:
     """Per channel, the mean of its first values (up to `_LEAF` channel vectors, or 8 * `_LEAF` values of the
     first row) rounded to ``x``'s dtype and held in float64; 0 where that is not finite, so that infinities and
-    NaN reach the sums as they are."""
-    with np.errstate(invalid="ignore", over="ignore"):
-        if lay.b == 1:
-            first = x.reshape(lay.a, lay.c)[:_LEAF].mean(axis=0, dtype=np.float64)
-        else:
-            first = x.reshape(lay.a, lay.c, lay.b)[0, :, : 8 * _LEAF].mean(axis=1, dtype=np.float64)
-        first = first.astype(x.dtype).astype(np.float64)
-        return np.where(np.isfinite(first), first, 0.0)
+    NaN reach the sums as they are. (The float64 sum divided by the count: ``mean``'s own steps, without its
+    Python frames; channels last in one compiled loop, adding the rows one after the other as NumPy does.)
+    Called with NumPy's overflow and invalid warnings off."""
+    if lay.b == 1:
+        out = np.empty(lay.c, np.float64)
+        kernels()["first_rows_shift"](x.reshape(lay.a, lay.c), min(lay.a, _LEAF), out)
+        return out
+    first, axis = x.reshape(lay.a, lay.c, lay.b)[0, :, : 8 * _LEAF], 1
+    total = np.add.reduce(first, axis=axis, dtype=np.float64)
+    total /= first.shape[axis]
+    total = total.astype(x.dtype).astype(np.float64)
+    return np.where(np.isfinite(total), total, 0.0)
 
 
 def _centred_totals(view: _View, center: Array, openmp: bool) -> Array:
@@ -952,7 +982,9 @@ class NumbaKernels(Ops):
         update: MovingUpdate | None, xp: ModuleType,
     ) -> Coefficients:  # fmt: skip
         result = coefficients(rule, mean, variance, gamma, beta, epsilon, update)
-        return super().coefficients(rule, mean, variance, gamma, beta, epsilon, update, xp) if result is None else result
+        if result is None:
+            return super().coefficients(rule, mean, variance, gamma, beta, epsilon, update, xp)
+        return result
 
     @_checked
     def backward_sums(
