@@ -112,6 +112,7 @@ def kernels() -> Any:
         return compile_
 
     jit = compiler()
+    overflow_limit = _OVERFLOW
     # the sums only may be reassociated (vector lanes); no contraction, so no fused multiply-add anywhere
     sums = compiler(fastmath={"reassoc"})
 
@@ -322,6 +323,39 @@ def kernels() -> Any:
         for j in range(c):
             m = np.float64(np.float32(out[j] / rows))
             out[j] = m if np.isfinite(m) else 0.0
+
+    @jit
+    def finish_shifted_moments(parts, k, tail, has_tail, shift, n, overflow, mean, variance):
+        """float32 statistics from the pieces' float64 sums ``parts`` (pieces, 2, k * C) around ``shift``: the
+        pieces added pairwise, a row's k channel vectors one after the other, then the tail's (the steps of
+        `_pairwise`, `_View.fold` and `channel_moments`, in their order); ``overflow[0]`` set where the
+        reference's float32 sums might overflow."""
+        work = parts.copy()
+        m = work.shape[0]
+        while m > 1:  # ((p0 + p1) + (p2 + p3)) + ...: the pairs of _pairwise, level by level
+            half = m // 2
+            for i in range(half):
+                work[i] = work[2 * i] + work[2 * i + 1]
+            if m % 2:
+                work[half] = work[m - 1]
+            m = half + m % 2
+        c = shift.shape[0]
+        over = False
+        for j in range(c):
+            s0, s1 = work[0, 0, j], work[0, 1, j]
+            for r in range(1, k):
+                s0 += work[0, 0, r * c + j]
+                s1 += work[0, 1, r * c + j]
+            if has_tail:
+                s0 += tail[0, j]
+                s1 += tail[1, j]
+            if abs(shift[j] * n + s0) > overflow_limit or abs(s1) > overflow_limit:
+                over = True
+            d = s0 / n
+            v = s1 / n - d * d
+            variance[j] = v if (v >= 0.0 or v != v) else 0.0  # np.maximum(v, 0.0); NaN kept
+            mean[j] = shift[j] + d  # rounded to float32 by the store
+        overflow[0] = over
 
     # ---- per-channel arithmetic between the passes (Ops.coefficients; _kernels.cu's two kernels) ----
     # Every operation is one IEEE operation in the vectors' dtype (float32 scalars stay float32 in Numba);
@@ -627,19 +661,27 @@ def _pairwise(parts: Array) -> Array:
     return parts[0]
 
 
-def _totals(view: _View, name: str, head: tuple[Any, ...], tail_head: tuple[Any, ...], lanes: int, openmp: bool) -> Any:
+def _parts(
+    view: _View, name: str, head: tuple[Any, ...], tail_head: tuple[Any, ...], lanes: int, openmp: bool
+) -> tuple[Array, Array | None]:  # fmt: skip
     """``kernels()[name](*head, lo, hi, out)`` over the pieces, each into its own float64 ``out`` of ``lanes``
-    rows, the pieces' totals added in piece order (pairwise); the tail's (channels last) through
-    ``kernels()[name](*tail_head, 0, rows, out)``."""
+    rows (stacked in piece order), and the tail's (channels last) through
+    ``kernels()[name](*tail_head, 0, rows, out)`` (None without a tail)."""
     import numpy as np
 
     width = view.rows.shape[1] if view.last else view.lay.c
-    total = _pairwise(_run_pieces(name, view.rows.shape[0], head, (), lanes=lanes, width=width, openmp=openmp))
+    parts = _run_pieces(name, view.rows.shape[0], head, (), lanes=lanes, width=width, openmp=openmp)
     tail = None
     if view.tail is not None:
         tail = np.zeros((lanes, view.lay.c), np.float64)
         kernels()[name](*tail_head, 0, view.tail.shape[0], tail)
-    return view.fold(total, tail)
+    return parts, tail
+
+
+def _totals(view: _View, name: str, head: tuple[Any, ...], tail_head: tuple[Any, ...], lanes: int, openmp: bool) -> Any:
+    """The per-channel totals of `_parts`: the pieces' added pairwise, then folded with the tail's."""
+    parts, tail = _parts(view, name, head, tail_head, lanes, openmp)
+    return view.fold(_pairwise(parts), tail)
 
 
 # ---------------------------------------------------------------------------
@@ -665,13 +707,16 @@ def channel_moments(x: Array, lay: blocked.Layout, np: ModuleType, openmp: bool 
     if x.dtype == np.float32:
         with np.errstate(invalid="ignore", over="ignore"):
             shift = _shift(x, lay, np)
-        d = _centred_totals(view, shift, openmp)
-        with np.errstate(invalid="ignore", over="ignore"):
-            if (np.abs(shift * n + d[0]) > _OVERFLOW).any() or (np.abs(d[1]) > _OVERFLOW).any():  # `_overflows`
-                return None
-            c = d[0] / n
-            variance = np.maximum(d[1] / n - c * c, 0.0)
-            return (shift + c).astype(x.dtype), variance.astype(x.dtype)
+        if view.last:
+            parts, tail = _parts(view, "rows_centred", (view.rows, view.tiled(shift)), (view.tail, shift), 2, openmp)
+        else:
+            parts, tail = _parts(view, "channel_rows_centred", (view.rows, shift, lay.c), (), 2, openmp)
+        # the pieces' sums added and folded, the statistics formed and rounded: one compiled call
+        mean, variance, overflow = np.empty(lay.c, x.dtype), np.empty(lay.c, x.dtype), np.zeros(1, np.bool_)
+        k = lay.k if view.last else 1
+        kernels()["finish_shifted_moments"](parts, k, parts[0] if tail is None else tail, tail is not None, shift, n,
+                                            overflow, mean, variance)  # fmt: skip
+        return None if overflow[0] else (mean, variance)
     mean = _centred_totals(view, np.zeros(lay.c), openmp)[0] / n  # the first pass: sums around 0
     d = _centred_totals(view, mean, openmp)
     with np.errstate(invalid="ignore", over="ignore"):
