@@ -95,3 +95,16 @@ def test_interleaved_timing_counts_each_calls_page_faults() -> None:
     assert all(f < FAULTING_PAGES for f in faults[1])
     assert summarize(got[0], faults[0])["faulting_calls"] == 3  # type: ignore[arg-type]
     assert summarize(got[1], faults[1])["faulting_calls"] == 0  # type: ignore[arg-type]
+
+
+def test_the_numpy_copy_runs_on_the_passes_threads_and_copies_exactly() -> None:
+    """The copy the floor is counted in: every thread count gives the input's values, in a new array."""
+    import numpy as np
+
+    from benchmarks._targets import threaded_copy
+
+    x = np.random.default_rng(0).standard_normal((1001, 3, 7)).astype(np.float32)
+    for threads in (1, 2, 3, 4):
+        out = threaded_copy(x, threads)()
+        assert out is not x and out.shape == x.shape and out.dtype == x.dtype
+        np.testing.assert_array_equal(out, x)
