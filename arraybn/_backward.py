@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._functional import _Recorder, batch_norm_backward, recording_moments
+from ._functional import _Recorder, batch_norm_backward, recorded_moments
 from ._namespace import array_device, array_namespace, float_errors_ignored
 from ._types import BNConfig, BNContext, BNParams, BNState
 from ._validation import check_rank_defined
@@ -40,10 +40,12 @@ def layer_forward(layer: Any, x: Array, training: Any = True, mask: Array | None
     recorder = _Recorder(adjustment) if adjustment is not None else None
     if recorder is not None:
         layer.adjustment = recorder
+    recorded: list[Any] = []
+    layer._recording = recorded  # the training call's batch statistics, for the backward (BNContext.moments)
     try:
-        with recording_moments() as statistics:
-            y = layer(x, training=training, mask=mask)
+        y = layer(x, training=training, mask=mask)
     finally:
+        layer._recording = None
         if recorder is not None:
             layer.adjustment = adjustment
     config: BNConfig = layer._config
@@ -63,7 +65,7 @@ def layer_forward(layer: Any, x: Array, training: Any = True, mask: Array | None
         mask=None if config.fused else mask,
         adjustment=recorder.value if (recorder is not None and is_training) else None,
         xp=xp,
-        moments=statistics.value,
+        moments=recorded_moments(recorded),
     )
     return y, ctx
 

@@ -7,7 +7,6 @@ arithmetic (``arraybn._reference``), which defines every number computed.
 
 from __future__ import annotations
 
-import contextvars
 from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
@@ -88,13 +87,25 @@ def batch_norm(
     The arithmetic is ``arraybn._reference.batch_norm``'s; the call runs under
     the schedule `arraybn.schedule` selects for ``x``'s library.
     """
+    return _batch_norm(
+        x, params, state, training=training, config=config, mask=mask, adjustment=adjustment,
+        trainable=trainable, xp=xp, record=None,
+    )  # fmt: skip
+
+
+def _batch_norm(
+    x: Array, params: BNParams, state: BNState, /, *, training: bool, config: BNConfig, mask: Array | None,
+    adjustment: Adjustment | None, trainable: bool, xp: ModuleType | None, record: list[_MomentsRecorder] | None,
+) -> tuple[Array, BNState]:  # fmt: skip
+    """`batch_norm`; with ``record`` (a list), a training call under a schedule appends the recorder of its
+    operations, which keeps the batch statistics for the backward (`BNContext.moments`). Under the
+    reference's operations (``torch.compile`` among them) nothing is recorded: the backward recomputes."""
     if xp is None:
         xp = _namespace_of(x, params, state)
     ops = select(x, xp)
-    sink = _RECORDERS.get()
-    if sink is not None and training:  # a forward whose backward reuses its statistics (`recording_moments`)
+    if record is not None and training and ops is not _reference.REFERENCE:
         ops = _MomentsRecorder(ops)
-        sink.append(ops)
+        record.append(ops)
     return _reference.batch_norm(
         x, params, state, training=training, config=config, mask=mask, adjustment=adjustment,
         trainable=trainable, ops=ops, xp=xp,
@@ -123,11 +134,6 @@ def apply_inference_map(x: Array, ops: Ops, m: InferenceMap, *, config: BNConfig
     """`inference_map`'s map applied to ``x`` (cast to the compute dtype first, as `batch_norm` does)."""
     x = _reference.cast(x, dtype_from_name(xp, config.compute_dtype), xp)
     return _reference.apply_map(x, m, ops=ops, xp=xp)
-
-
-_RECORDERS: contextvars.ContextVar[list[_MomentsRecorder] | None] = contextvars.ContextVar(
-    "arraybn_moments_recorders", default=None
-)
 
 
 class _MomentsRecorder(Ops):
@@ -161,32 +167,12 @@ class _MomentsRecorder(Ops):
         return self.ops.backward_dx(x, dy, mean, k, p, q, xp)
 
 
-class _Recording:
-    """What `recording_moments` found: ``value``, the statistics of the one training call made under it."""
-
-    def __init__(self) -> None:
-        self.value: _reference.RecordedMoments | None = None
-
-
-class recording_moments:  # noqa: N801 - used as a function (a context manager)
-    """Keep the batch statistics of the training call of `batch_norm` made inside (``with ... as found``:
-    ``found.value`` after the block), for a backward to reuse (`BNContext.moments`).
-
-    Recorded only where that call computed one set of statistics (a mask's
-    weighted statistics are not `moments`); anything else leaves ``None``,
-    and the backward recomputes.
-    """
-
-    def __enter__(self) -> _Recording:
-        self.found = _Recording()
-        self.token = _RECORDERS.set([])
-        return self.found
-
-    def __exit__(self, *exc: object) -> None:
-        recorders = _RECORDERS.get() or []
-        _RECORDERS.reset(self.token)
-        if len(recorders) == 1 and len(recorders[0].seen) == 1:
-            self.found.value = recorders[0].seen[0]
+def recorded_moments(recorders: list[_MomentsRecorder]) -> _reference.RecordedMoments | None:
+    """The batch statistics of the one training call recorded in ``recorders`` (`_batch_norm`'s ``record``),
+    where it computed one set (a mask's weighted statistics are not `moments`); else None."""
+    if len(recorders) == 1 and len(recorders[0].seen) == 1:
+        return recorders[0].seen[0]
+    return None
 
 
 class _Recorder:
@@ -222,11 +208,11 @@ def batch_norm_forward(
     if xp is None:
         xp = _namespace_of(x, params, state, mask)
     recorder = _Recorder(adjustment) if adjustment is not None else None
-    with recording_moments() as statistics:
-        y, new_state = batch_norm(
-            x, params, state, training=training, config=config, mask=mask, adjustment=recorder,
-            trainable=trainable, xp=xp,
-        )  # fmt: skip
+    recorded: list[_MomentsRecorder] = []
+    y, new_state = _batch_norm(
+        x, params, state, training=training, config=config, mask=mask, adjustment=recorder,
+        trainable=trainable, xp=xp, record=recorded,
+    )  # fmt: skip
     ctx = BNContext(
         x=x,
         params=params,
@@ -236,7 +222,7 @@ def batch_norm_forward(
         mask=None if config.fused else mask,
         adjustment=recorder.value if recorder is not None else None,
         xp=xp,
-        moments=statistics.value,
+        moments=recorded_moments(recorded),
     )
     return y, new_state, ctx
 

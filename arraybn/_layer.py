@@ -16,7 +16,6 @@ from . import initializers as _initializers
 from . import regularizers as _regularizers
 from ._backward import layer_backward as _layer_backward
 from ._backward import layer_forward as _layer_forward
-from ._functional import batch_norm
 from ._types import BNConfig, BNParams, BNState
 from ._namespace import (
     array_device,
@@ -214,6 +213,7 @@ class BatchNormalization:
         self._good: dict[str, Array] = {}  # the last state known to exist (a lazy state may fail)
         self._activity_losses: list[Array] = []
         self._plan: InferencePlan | None = None  # the last inference call's map (arraybn._plan)
+        self._recording: list[Any] | None = None  # set by layer.forward around its call (_backward.py)
 
     # ------------------------------------------------------------- copy, pickle
     def __getstate__(self) -> dict[str, Any]:
@@ -224,6 +224,7 @@ class BatchNormalization:
         state["_xp_name"] = None if xp is None else xp.__name__
         state["_device"] = None
         state["_plan"] = None  # views of the weights' memory: made again by the next inference call
+        state["_recording"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -400,9 +401,9 @@ class BatchNormalization:
         )
         if training:
             with float_errors_ignored(xp):
-                y, new_state = batch_norm(
+                y, new_state = _functional._batch_norm(
                     inputs, params, state, training=True, config=config, mask=mask, adjustment=adjustment,
-                    trainable=bool(self.trainable), xp=xp,
+                    trainable=bool(self.trainable), xp=xp, record=getattr(self, "_recording", None),
                 )  # fmt: skip
         else:
             y, new_state = self._inference(inputs, v, params, state, config, xp), state

@@ -364,9 +364,11 @@ def test_forward_matches_batch_norm_bitwise(xp: Any, asarray: Any, backend_name:
     assert tuple(grads.dx.shape) == (8, 3)
 
 
-# (shape, config keywords): fused NHWC, non-fused 2-D, ghost batches, renorm with an adjustment, a mask
+# (shape, config keywords): fused NHWC, non-fused 2-D, ghost batches, renorm with an adjustment, a mask,
+# and a 1 MiB input (where the NumPy schedules start)
 REUSE_CASES = [
     ((6, 5, 4, 8), {"axis": (3,), "rank": 4, "param_shape": (8,), "fused": True}),
+    ((4096, 64), {"axis": (1,), "rank": 2, "param_shape": (64,)}),
     ((64, 6), {"axis": (1,), "rank": 2, "param_shape": (6,)}),
     ((12, 5, 3), {"axis": (2,), "rank": 3, "param_shape": (3,), "virtual_batch_size": 4}),
     ((16, 4), {"axis": (1,), "rank": 2, "param_shape": (4,), "renorm": True}),
@@ -374,12 +376,16 @@ REUSE_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("shape", "options"), REUSE_CASES, ids=["fused", "non-fused", "ghost", "renorm", "mask"])
+@pytest.mark.parametrize(
+    ("shape", "options"), REUSE_CASES, ids=["fused", "1 MiB", "non-fused", "ghost", "renorm", "mask"]
+)
 def test_backward_reuses_the_forwards_statistics(
     shape: tuple[int, ...], options: dict[str, Any], xp: Any, asarray: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The pair's backward takes the statistics its forward computed (no second pass over ``x``): the same
-    bits as `batch_norm_vjp`, which recomputes them. A mask's weighted statistics are recomputed."""
+    """Where the forward ran under a schedule, the pair's backward takes the statistics it computed (no
+    second pass over ``x``): the same bits as `batch_norm_vjp`, which recomputes them. Under the reference's
+    operations (small NumPy inputs, array-api-strict) and for a mask's weighted statistics nothing is
+    kept, and the backward recomputes."""
     from conftest import recorded
 
     from arraybn import _reference
@@ -398,11 +404,12 @@ def test_backward_reuses_the_forwards_statistics(
     mask = asarray((rng.uniform(size=shape[:-1]) > 0.3).astype(np.float32)) if with_mask else None
     adjustment = (lambda s: (1.5, 0.25)) if config.renorm else None
     _, _, ctx = batch_norm_forward(x, params, state, training=True, config=config, mask=mask, adjustment=adjustment)
-    assert (ctx.moments is None) == with_mask
+    kept = not with_mask and arraybn._schedules.select(x, ctx.xp) is not _reference.REFERENCE
+    assert (ctx.moments is not None) == kept
     passes = recorded(monkeypatch, _reference, "moments")
     weighted = recorded(monkeypatch, _reference, "weighted_moments")
     got = batch_norm_backward(ctx, dy)
-    assert (len(passes), len(weighted)) == ((0, 1) if with_mask else (0, 0))
+    assert (len(passes), len(weighted)) == ((0, 1) if with_mask else (0, 0) if kept else (1, 0))
     monkeypatch.undo()
     want = batch_norm_vjp(x, params, state, dy, training=True, config=config, mask=mask, adjustment=adjustment)
     for a, b in zip(got, want, strict=True):
@@ -411,33 +418,37 @@ def test_backward_reuses_the_forwards_statistics(
 
 def test_statistics_of_other_operations_are_recomputed(monkeypatch: pytest.MonkeyPatch) -> None:
     """A forward under one schedule, its backward under another: the backward computes its own statistics
-    (its gradients are those of its own schedule); an inference context has none to reuse."""
+    (its gradients are those of its own schedule); a forward under the reference's operations and an
+    inference context keep none."""
     from conftest import recorded
 
     from arraybn import _reference
 
     rng = np.random.default_rng(3)
-    x = (rng.normal(size=(512, 1024)) * 2 + 7).astype(np.float32)  # 2 MiB: numba-kernels' size where installed
+    x = (rng.normal(size=(512, 1024)) * 2 + 7).astype(np.float32)  # 2 MiB: the NumPy schedules' size
     dy = rng.normal(size=x.shape).astype(np.float32)
     config = BNConfig(axis=(1,), rank=2, param_shape=(1024,))
     params = BNParams(np.ones(1024, np.float32), np.zeros(1024, np.float32))
     state = BNState(np.zeros(1024, np.float32), np.ones(1024, np.float32))
-    with arraybn.schedule("reference"):
+    with arraybn.schedule("numpy-blocked"):
         _, _, ctx = batch_norm_forward(x, params, state, training=True, config=config)
-    assert ctx.moments is not None and ctx.moments.ops.name == "reference"
+    assert ctx.moments is not None and ctx.moments.ops.name == "numpy-blocked"
     passes = recorded(monkeypatch, _reference, "moments")
     got = batch_norm_backward(ctx, dy)
     auto = arraybn._schedules.select(x, ctx.xp).name
-    assert len(passes) == (0 if auto == "reference" else 1)
+    assert len(passes) == (0 if auto == "numpy-blocked" else 1)
     monkeypatch.undo()
     want = batch_norm_vjp(x, params, state, dy, training=True, config=config)
     for a, b in zip(got, want, strict=True):
         np.testing.assert_array_equal(a, b)
+    with arraybn.schedule("reference"):
+        _, _, ctx = batch_norm_forward(x, params, state, training=True, config=config)
+    assert ctx.moments is None
     _, ctx = layer_forward(arraybn.BatchNormalization(), x, training=False)
     assert ctx.moments is None
     layer = arraybn.BatchNormalization()
     _, ctx = layer_forward(layer, x)
-    assert ctx.moments is not None  # the layer pair records them too
+    assert ctx.moments is not None and layer._recording is None  # the layer pair records them too
 
 
 def test_random_adjustment_is_differentiated_with_the_forward_values() -> None:
