@@ -109,7 +109,7 @@ class BNContext:
     the operations that computed them and the input they saw); the backward
     uses them where it would compute the very same ones, and recomputes them
     from ``x`` otherwise (``None``: a context made by hand, an inference call,
-    a mask's weighted statistics).
+    a forward under the reference's operations, a mask's weighted statistics).
     """
 
     x: Array
