@@ -178,6 +178,22 @@ def extra_tracemalloc(fn: Callable[[], Any], *, calls: int = 2) -> int:
 _MALLOC_PINNED = False
 
 
+def _mallopt(mmap_threshold: int, trim_threshold: int) -> Any:
+    """glibc's ``mallopt`` with a fixed mmap threshold (the adaptive one off) and trim threshold; glibc itself
+    (a ``ctypes`` library) where both were taken, else None (another system or C library)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        if libc.mallopt(-3, mmap_threshold) != 1 or libc.mallopt(-1, trim_threshold) != 1:  # M_MMAP/M_TRIM_THRESHOLD
+            return None
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
 def pin_malloc() -> None:
     """Make glibc return freed large buffers to the OS (fixed mmap threshold); no-op elsewhere.
 
@@ -185,18 +201,12 @@ def pin_malloc() -> None:
     freshly mapped), so it is applied only for the memory phase.
     """
     global _MALLOC_PINNED
-    if _MALLOC_PINNED or not sys.platform.startswith("linux"):
+    if _MALLOC_PINNED:
         return
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: 1 MiB, fixed (disables the adaptive threshold)
-        libc.mallopt(-1, 1 << 20)  # M_TRIM_THRESHOLD
+    libc = _mallopt(1 << 20, 1 << 20)  # 1 MiB
+    if libc is not None:
         libc.malloc_trim(0)
         _MALLOC_PINNED = True
-    except (OSError, AttributeError):
-        pass
 
 
 def keep_freed_memory() -> str | None:
@@ -213,16 +223,7 @@ def keep_freed_memory() -> str | None:
     (glibc's largest heap threshold) are still mapped per call; the report
     counts page faults per call and flags a row where they remain.
     """
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        threshold = 32 << 20
-        if libc.mallopt(-3, threshold) != 1 or libc.mallopt(-1, 1 << 30) != 1:  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
-            return None
-    except (OSError, AttributeError):
+    if _mallopt(32 << 20, 1 << 30) is None:
         return None
     return "glibc keeps freed memory (M_MMAP_THRESHOLD 32 MiB, M_TRIM_THRESHOLD 1 GiB; --allocator-defaults: not)"
 

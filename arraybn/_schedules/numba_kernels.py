@@ -707,10 +707,7 @@ def channel_moments(x: Array, lay: blocked.Layout, np: ModuleType, openmp: bool 
     if x.dtype == np.float32:
         with np.errstate(invalid="ignore", over="ignore"):
             shift = _shift(x, lay, np)
-        if view.last:
-            parts, tail = _parts(view, "rows_centred", (view.rows, view.tiled(shift)), (view.tail, shift), 2, openmp)
-        else:
-            parts, tail = _parts(view, "channel_rows_centred", (view.rows, shift, lay.c), (), 2, openmp)
+        parts, tail = _centred_parts(view, shift, openmp)
         # the pieces' sums added and folded, the statistics formed and rounded: one compiled call
         mean, variance, overflow = np.empty(lay.c, x.dtype), np.empty(lay.c, x.dtype), np.zeros(1, np.bool_)
         k = lay.k if view.last else 1
@@ -743,25 +740,24 @@ def _shift(x: Array, lay: blocked.Layout, np: ModuleType) -> Array:
     return np.where(np.isfinite(total), total, 0.0)
 
 
+def _centred_parts(view: _View, center: Array, openmp: bool) -> tuple[Array, Array | None]:
+    """The pieces' (and the tail's) float64 sums of ``d = x - center`` and of ``d ** 2`` (`_parts`; ``d`` in
+    ``center``'s dtype)."""
+    if view.last:
+        return _parts(view, "rows_centred", (view.rows, view.tiled(center)), (view.tail, center), 2, openmp)
+    return _parts(view, "channel_rows_centred", (view.rows, center, view.lay.c), (), 2, openmp)
+
+
 def _centred_totals(view: _View, center: Array, openmp: bool) -> Array:
     """Per channel, the float64 sums of ``d = x - center`` and of ``d ** 2`` (``d`` in ``center``'s dtype)."""
-    if view.last:
-        return _totals(view, "rows_centred", (view.rows, view.tiled(center)), (view.tail, center), 2, openmp)
-    return _totals(view, "channel_rows_centred", (view.rows, center, view.lay.c), (), 2, openmp)
-
-
-def affine(
-    x: Array, scale: Array, shift: Array, center: Array | None, lay: blocked.Layout, np: ModuleType, y: Array,
-    openmp: bool = False,
-) -> Array:  # fmt: skip
-    """``(x - center) * scale + shift`` (``center`` None: ``x * scale + shift``), rounded per operation, into
-    ``y`` (shaped as ``x``; `_empty`)."""
-    return _AffinePass(lay, scale, shift, center)(x, y, openmp)
+    parts, tail = _centred_parts(view, center, openmp)
+    return view.fold(_pairwise(parts), tail)
 
 
 class _AffinePass:
-    """The scale-and-shift of arrays with layout ``lay`` by fixed per-channel ``(C,)`` vectors, its tiled
-    vectors made once (`affine`; a layer's inference plan keeps one, `NumbaKernels.bind_affine`)."""
+    """``(x - center) * scale + shift`` (``center`` None: ``x * scale + shift``), rounded per operation, of
+    arrays with layout ``lay`` by fixed per-channel ``(C,)`` vectors into ``y`` (`NumbaKernels.affine`; its
+    tiled vectors made once: a layer's inference plan keeps one, `NumbaKernels.bind_affine`)."""
 
     def __init__(self, lay: blocked.Layout, scale: Array, shift: Array, center: Array | None) -> None:
         self.lay = lay
@@ -869,18 +865,18 @@ def _itemsize(x: Array) -> int:
     return int(size) if size is not None else int(x.element_size())  # torch
 
 
-def _empty(like: Array, host: Array) -> tuple[Array, Array]:
-    """A new array for a result shaped as ``like`` (``host`` its NumPy view), in ``like``'s library, and the
+def _empty(like: Array, shape: tuple[int, ...]) -> tuple[Array, Array]:
+    """A new C-ordered array of ``shape`` and ``like``'s dtype in ``like``'s library (NumPy or torch), and the
     NumPy view of it the loops write. A torch tensor's comes from torch's allocator, which hands a call the
     memory the last freed result held (in the cache, its pages mapped): faster than NumPy's here."""
     import numpy as np
 
     if isinstance(like, np.ndarray):
-        out = np.empty_like(host)
+        out = np.empty(shape, like.dtype)
         return out, out
     import torch
 
-    out = torch.empty(tuple(like.shape), dtype=like.dtype)
+    out = torch.empty(shape, dtype=like.dtype)
     return out, out.numpy()
 
 
@@ -964,20 +960,33 @@ class NumbaKernels(Ops):
         kept = _kept(x.shape, channel)
         return _back(result[0].reshape(kept), x), _back(result[1].reshape(kept), x)
 
-    @_checked
-    def affine(self, x: Array, scale: Array, shift: Array, center: Array | None, xp: ModuleType) -> Array:
+    def _affine_pass(
+        self, x: Array, scale: Array, shift: Array, center: Array | None, *, own: bool = False
+    ) -> tuple[_AffinePass, Array] | None:  # fmt: skip
+        """The loops' scale-and-shift for ``x`` and its NumPy view, or None for the next schedule (``own``: the
+        pass holds copies of the vectors)."""
         import numpy as np
 
         params = (scale, shift) if center is None else (scale, shift, center)
         channel = blocked._channel_axis_of(tuple(x.shape), *(tuple(getattr(p, "shape", ())) for p in params))
         prepared = self._prepare(x, channel, *params, rows=_MAP_ROW_ELEMENTS)
         if prepared is None:
-            return _next(x).affine(x, scale, shift, center, xp)
+            return None
         lay, host, views = prepared
-        vectors = [_vector(v, _kept(x.shape, channel), np) for v in views]
-        center_vector = None if center is None else vectors[2]
-        y, view = _empty(x, host)
-        affine(host, vectors[0], vectors[1], center_vector, lay, np, view, not _is_numpy(x))
+        kept = _kept(x.shape, channel)
+        vectors = [_vector(v, kept, np) for v in views]
+        if own:
+            vectors = [np.array(v) for v in vectors]
+        return _AffinePass(lay, vectors[0], vectors[1], None if center is None else vectors[2]), host
+
+    @_checked
+    def affine(self, x: Array, scale: Array, shift: Array, center: Array | None, xp: ModuleType) -> Array:
+        bound = self._affine_pass(x, scale, shift, center)
+        if bound is None:
+            return _next(x).affine(x, scale, shift, center, xp)
+        step, host = bound
+        y, view = _empty(x, tuple(x.shape))
+        step(host, view, not _is_numpy(x))
         return y
 
     def bind_affine(
@@ -991,18 +1000,10 @@ class NumbaKernels(Ops):
         the schedule switched off, a failure, which switches it off as
         `falls_back` does): the caller then calls `affine`.
         """
-        import numpy as np
-
-        params = (scale, shift) if center is None else (scale, shift, center)
-        channel = blocked._channel_axis_of(tuple(x.shape), *(tuple(getattr(p, "shape", ())) for p in params))
-        prepared = self._prepare(x, channel, *params, rows=_MAP_ROW_ELEMENTS)
-        if prepared is None:
+        bound = self._affine_pass(x, scale, shift, center, own=True)  # copies: the plan's own
+        if bound is None:
             return None
-        lay, _, views = prepared
-        kept = _kept(x.shape, channel)
-        vectors = [np.array(_vector(v, kept, np)) for v in views]  # copies: the plan's own
-        step = _AffinePass(lay, vectors[0], vectors[1], None if center is None else vectors[2])
-        on_torch, name = not _is_numpy(x), self.name
+        step, on_torch, name = bound[0], not _is_numpy(x), self.name
 
         def run(x: Array) -> Array | None:
             if name in _DISABLED:
@@ -1012,7 +1013,7 @@ class NumbaKernels(Ops):
             if host is None:
                 return None
             try:
-                y, view = _empty(x, host)
+                y, view = _empty(x, tuple(x.shape))
                 step(host, view, on_torch)
             except Exception as error:  # noqa: BLE001 - as falls_back: switched off, the caller computes
                 disable(name, error)
@@ -1062,7 +1063,7 @@ class NumbaKernels(Ops):
         lay, host, (grad, *vectors) = prepared
         kept = _kept(x.shape, channel)
         vectors = [_vector(v, kept, np) for v in vectors]
-        out, view = _empty(x, host)
+        out, view = _empty(x, tuple(x.shape))
         backward_dx(host, grad, vectors, lay, np, view, not _is_numpy(x))
         return out
 
@@ -1102,7 +1103,7 @@ def coefficients(
     mean_v, variance_v, gamma_v, beta_v = vectors[:4]
     root = _root(variance_v + dt(epsilon), like=mean)
     moving = vectors[4:] if update is not None else [mean_v, variance_v]  # not read without an update
-    outs = [_new_vector(mean, p, host.dtype) for _ in range(5 if rule == "fused" else 4)]
+    outs = [_empty(mean, (p,)) for _ in range(5 if rule == "fused" else 4)]
     k = kernels()
     if rule == "fused":
         keep, mean_factor, replace = (0.0, 0.0, False) if update is None else fused_factors(float(update.momentum), 1.0)
@@ -1138,19 +1139,6 @@ def _root(t: Array, like: Array) -> Array:
     import torch
 
     return torch.sqrt(torch.from_numpy(wide)).numpy()
-
-
-def _new_vector(like: Array, p: int, dtype: Any) -> tuple[Array, Array]:
-    """A new ``(p,)`` vector in ``like``'s library (NumPy or torch), and its NumPy view."""
-    import numpy as np
-
-    if isinstance(like, np.ndarray):
-        out = np.empty(p, dtype)
-        return out, out
-    import torch
-
-    out = torch.empty(p, dtype=torch.float32 if dtype == np.float32 else torch.float64)
-    return out, out.numpy()
 
 
 def _next(x: Array) -> Ops:
