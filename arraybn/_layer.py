@@ -33,7 +33,7 @@ from ._namespace import (
     to_device,
     to_numpy,
 )
-from ._plan import InferencePlan
+from ._plan import InferencePlan, TrainingPlan
 from ._policy import Policy, get_policy
 from ._reference import ghost_batch_shape
 from ._validation import (
@@ -213,6 +213,7 @@ class BatchNormalization:
         self._good: dict[str, Array] = {}  # the last state known to exist (a lazy state may fail)
         self._activity_losses: list[Array] = []
         self._plan: InferencePlan | None = None  # the last inference call's map (arraybn._plan)
+        self._training_plan: TrainingPlan | None = None  # the last training call's decisions (arraybn._plan)
         self._recording: list[Any] | None = None  # set by layer.forward around its call (_backward.py)
 
     # ------------------------------------------------------------- copy, pickle
@@ -224,6 +225,7 @@ class BatchNormalization:
         state["_xp_name"] = None if xp is None else xp.__name__
         state["_device"] = None
         state["_plan"] = None  # views of the weights' memory: made again by the next inference call
+        state["_training_plan"] = None  # made again by the next training call
         state["_recording"] = None
         return state
 
@@ -234,6 +236,7 @@ class BatchNormalization:
         name = state.pop("_xp_name", None)
         state["_xp"] = None if name is None else compat_namespace(importlib.import_module(name))
         state.setdefault("_plan", None)
+        state.setdefault("_training_plan", None)
         self.__dict__.update(state)
         if self._vars:
             self._device = array_device(next(iter(self._vars.values())))
@@ -335,7 +338,7 @@ class BatchNormalization:
         self._xp, self._device, self._config = xp, device, config
         self._config_vbs = self.virtual_batch_size
         self._vars = self._good = new_vars
-        self._plan = None
+        self._plan = self._training_plan = None
         self.fused, self._fusable = fused_value, fused
         self.axis = [a + 1 for a in axes] if self.virtual_batch_size is not None else axes
         self._input_ndim = rank
@@ -380,12 +383,18 @@ class BatchNormalization:
         (`_keep`). Nothing is kept if a step raises. An inference call whose input, settings and
         weights are those of the last one applies that call's map at once (`arraybn._plan`).
         """
-        plan = self._plan
-        if plan is not None and mask is None and (training is None or training is False):
-            y = plan.run(self, inputs)  # the last inference call's map, where nothing it depends on changed
-            if y is not None:
-                self._activity_losses = []
-                return y
+        if mask is None:
+            if training is True:
+                trained = self._training_plan
+                y = None if trained is None else trained.run(self, inputs)  # the last training call's decisions
+                if y is not None:
+                    return y
+            elif training is None or training is False:
+                plan = self._plan
+                y = None if plan is None else plan.run(self, inputs)  # the last inference call's map
+                if y is not None:
+                    self._activity_losses = []
+                    return y
         xp, mask, deferred_mask, mask_given = self._checked_input(inputs, training, mask)
         assert self._config is not None
         training = _training_value(training)
@@ -408,6 +417,8 @@ class BatchNormalization:
         else:
             y, new_state = self._inference(inputs, v, params, state, config, xp), state
         self._keep(v, new_state, self._activity_loss(y, xp), config, xp)
+        if training:
+            self._training_plan = None if mask is not None else TrainingPlan.make(self, inputs, xp, config)
         return y
 
     def _inference(
@@ -529,6 +540,17 @@ class BatchNormalization:
             self._good = new_vars  # computed already (dask's waits for get_weights, see there)
         self._config = config  # the numbers read by this call (a later backward uses them)
         self._activity_losses = activity_losses
+
+    def _keep_trained(
+        self, old: dict[str, Array], moving_mean: Array, moving_variance: Array, config: BNConfig
+    ) -> dict[str, Array]:
+        """`_keep` of a training call a `TrainingPlan` made (the new moving statistics, stored already; no
+        losses); the new weights."""
+        new_vars = {**old, "moving_mean": moving_mean, "moving_variance": moving_variance}
+        self._vars = self._good = new_vars
+        self._config = config
+        self._activity_losses = []
+        return new_vars
 
     def compute_output_shape(self, input_shape: Sequence[Any]) -> tuple[Any, ...]:
         return tuple(input_shape)

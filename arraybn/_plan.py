@@ -39,12 +39,12 @@ from types import ModuleType
 from typing import Any, NamedTuple
 
 from . import _functional
-from ._namespace import dtype_from_name, float_errors_ignored, is_numpy_array, is_torch_array
-from ._reference import InferenceMap, Ops
+from ._namespace import dtype_from_name, float_errors_ignored, is_numpy_array, is_torch_array, stored
+from ._reference import InferenceMap, MovingUpdate, Ops, count_of, f32_operand
 from ._schedules import get_schedule
 from ._types import BNConfig
 
-__all__ = ["InferencePlan", "settings_of"]
+__all__ = ["InferencePlan", "TrainingPlan", "settings_of"]
 
 Array = Any
 
@@ -146,3 +146,127 @@ def _torch_modes() -> bool:
 def _same(now: Sequence[Any], then: Sequence[Any]) -> bool:
     """The same objects, and ``axis``'s values (the last entry) equal."""
     return all(a is b for a, b in zip(now[:-1], then[:-1], strict=True)) and now[-1] == then[-1]
+
+
+class TrainingPlan:
+    """A layer's last training call's decisions, and the schedule's bound training step (module docstring).
+
+    A training call's output depends on the input and on the weights' values,
+    but the path it takes through the reference (`arraybn._reference.batch_norm`)
+    and the schedule's three operations on it (`Ops.moments`, `Ops.coefficients`,
+    `Ops.affine`) depend only on what an inference plan checks. Where those
+    are unchanged since the last training call, and the weights are those that
+    call left (the same dict: ``set_weights``, ``build`` and any other call that
+    changed them replace it), `TrainingPlan.run` calls the schedule's bound
+    step (``bind_training``: the same loops, the layouts and the coefficients'
+    factors made once) and keeps the new moving statistics as the full call
+    does: the same bits, without the checks and the reference's steps between
+    the operations.
+
+    Plans are made for the plain training call only: the non-fused or fused
+    path without a mask, an ``adjustment``, batch renormalization, ghost
+    batches or an activity regularizer, on a trainable layer whose input has
+    the weights' dtype (no cast), outside ``layer.forward`` (which keeps the
+    batch statistics for its backward), and where the schedule offers
+    ``bind_training`` (numba-kernels).
+    """
+
+    __slots__ = ("kind", "settings", "weights", "ops", "xp", "config", "step", "constants")
+
+    def __init__(
+        self, kind: tuple[Any, ...], settings: tuple[Any, ...], weights: dict[str, Array], ops: Ops,
+        xp: ModuleType, config: BNConfig, step: Any, constants: tuple[Array | None, Array | None],
+    ) -> None:  # fmt: skip
+        self.kind, self.settings, self.weights, self.ops = kind, settings, weights, ops
+        self.xp, self.config, self.step, self.constants = xp, config, step, constants
+
+    @classmethod
+    def make(cls, layer: Any, inputs: Array, xp: ModuleType, config: BNConfig) -> TrainingPlan | None:
+        """The plan of a training call without a mask just made (its state kept), or None where plans are
+        not kept."""
+        if getattr(layer, "_recording", None) is not None or layer.adjustment is not None:
+            return None
+        if layer.activity_regularizer is not None or not bool(layer.trainable) or len(config.axis) != 1:
+            return None
+        if not config.fused and (config.renorm or config.virtual_batch_size is not None):
+            return None
+        weights = layer._vars
+        on_torch = is_torch_array(inputs)
+        if on_torch:
+            if _torch_modes() or inputs.device.type != "cpu" or inputs.requires_grad:
+                return None
+            if any(w.requires_grad for w in weights.values()):
+                return None
+        elif not is_numpy_array(inputs):
+            return None
+        if get_schedule() == "reference":
+            return None
+        ops = _functional.select(inputs, xp)
+        bind = getattr(ops, "bind_training", None)
+        compute = dtype_from_name(xp, config.compute_dtype)
+        if bind is None or inputs.dtype != compute or dtype_from_name(xp, config.param_dtype) != compute:
+            return None
+        (channel,) = config.axis
+        shape = tuple(inputs.shape)
+        gamma, beta = weights.get("gamma"), weights.get("beta")
+        update = MovingUpdate(weights["moving_mean"], weights["moving_variance"], config.momentum, "assign_sub")
+        constants: tuple[Array | None, Array | None] = (None, None)
+        if config.fused:  # `_reference.fused_forward`'s arguments, without its casts (float32 throughout)
+            if inputs.dtype != xp.float32:
+                return None
+            axes = [i for i in range(len(shape)) if i != channel]
+            n = count_of(shape, axes)
+            rule = "fused" if config.fused_avg_updates else "assign_sub"
+            update = update._replace(rule=rule, bessel=n / max(n - 1, 1))
+            device = getattr(inputs, "device", None)
+            epsilon = f32_operand(config.epsilon, xp.float32, xp, device)
+            constants = (
+                None if config.scale and gamma is not None else xp.ones(config.param_shape, dtype=xp.float32, device=device),
+                None if config.center and beta is not None else xp.zeros(config.param_shape, dtype=xp.float32, device=device),
+            )  # fmt: skip
+            gamma = gamma if constants[0] is None else constants[0]
+            beta = beta if constants[1] is None else constants[1]
+            step = bind(inputs, channel, "fused", epsilon, update, gamma, beta)
+        else:  # `_reference.non_fused_forward`'s, likewise
+            step = bind(inputs, channel, "non_fused", config.epsilon, update, gamma, beta)
+        if step is None:
+            return None
+        kind = (type(inputs), shape, inputs.dtype, getattr(inputs, "device", None), on_torch)
+        settings = (*settings_of(layer)[:-1], layer.trainable, settings_of(layer)[-1])
+        return cls(kind, settings, weights, ops, xp, config, step, constants)
+
+    def run(self, layer: Any, inputs: Array) -> Array | None:
+        """The output of ``layer(inputs, training=True)`` without a mask, keeping the new moving statistics,
+        where this plan holds; else None (and nothing kept)."""
+        kind = self.kind
+        if type(inputs) is not kind[0] or inputs.shape != kind[1] or inputs.dtype != kind[2]:
+            return None
+        if kind[3] is not None and inputs.device != kind[3]:
+            return None
+        weights = self.weights
+        if getattr(inputs, "requires_grad", False) or layer._vars is not weights:
+            return None
+        if kind[4] and _torch_modes():
+            return None
+        if layer.adjustment is not None or getattr(layer, "_recording", None) is not None:
+            return None
+        now = settings_of(layer)
+        if not _same((*now[:-1], layer.trainable, now[-1]), self.settings) or get_schedule() == "reference":
+            return None
+        ops = _functional.select(inputs, self.xp)  # the environment and a failed schedule, read anew
+        if ops is not self.ops or any(getattr(w, "requires_grad", False) for w in weights.values()):
+            return None
+        gamma, beta = self.constants
+        with float_errors_ignored(self.xp):
+            out = self.step(
+                inputs, weights.get("gamma") if gamma is None else gamma, weights.get("beta") if beta is None else beta,
+                weights["moving_mean"], weights["moving_variance"],
+            )  # fmt: skip
+        if out is None:
+            return None
+        y, new_mean, new_variance = out
+        shape = tuple(weights["moving_mean"].shape)
+        self.weights = layer._keep_trained(
+            weights, stored(new_mean.reshape(shape)), stored(new_variance.reshape(shape)), self.config
+        )
+        return y

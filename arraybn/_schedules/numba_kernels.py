@@ -1022,6 +1022,66 @@ class NumbaKernels(Ops):
 
         return run
 
+    def bind_training(
+        self, x: Array, channel: int, rule: str, epsilon: Any, update: MovingUpdate | None, gamma: Array | None,
+        beta: Array | None,
+    ) -> Callable[..., tuple[Array, Array | None, Array | None] | None] | None:  # fmt: skip
+        """A training forward's three operations for inputs of ``x``'s type, shape and dtype (a layer's
+        training plan, ``arraybn._plan``): `moments` over every axis but ``channel``, `coefficients` with
+        ``rule``, ``epsilon`` and ``update``'s rule and numbers, then `affine`, each by the loops these methods
+        run for such an input (the same bits), with the layouts and the coefficients' factors made once. None
+        where the methods would not all take the loops.
+
+        ``run(x, gamma, beta, moving_mean, moving_variance)`` (the vectors as `coefficients` receives them, of
+        the kinds given here; the moving ones None without an update) returns ``(y, new_mean,
+        new_variance)`` (``(C,)`` vectors, None without an update), or None where it does not compute: a
+        strided input or vector, the schedule switched off, a float32 input whose sums could overflow (the
+        methods' next schedule takes those), a failure (which switches the schedule off as `falls_back`
+        does). The caller then makes the full call.
+        """
+        import numpy as np
+
+        prepared = self._prepare(x, channel)
+        if prepared is None:
+            return None
+        lay, host, _ = prepared
+        lay_map = _layout(host, channel, np, _MAP_ROW_ELEMENTS)
+        given = (gamma, beta) + ((None, None) if update is None else (update.moving_mean, update.moving_variance))
+        p = int(x.shape[channel])
+        views = [None if a is None else _host(a) for a in given]
+        if lay_map is None or any(v is None or v.dtype != host.dtype or v.size != p
+                                  for v, a in zip(views, given) if a is not None):  # fmt: skip
+            return None
+        coefficients = _Rule.make(rule, host.dtype, epsilon, update, gamma is not None, beta is not None)
+        if coefficients is None:
+            return None
+        on_torch, name, shape, dtype = not _is_numpy(x), self.name, tuple(x.shape), host.dtype
+
+        def run(x: Array, *vectors: Array | None) -> tuple[Array, Array | None, Array | None] | None:
+            if name in _DISABLED:
+                return None
+            blocked.thread_count()  # a bad ARRAYBN_NUM_THREADS raises, as in the methods
+            host = _contiguous_host(x, on_torch)
+            views = [None if a is None else _host(a) for a in vectors]
+            if host is None or any(v is None or v.dtype != dtype or v.size != p
+                                   for v, a in zip(views, vectors) if a is not None):  # fmt: skip
+                return None
+            try:
+                moments = channel_moments(host, lay, np, on_torch)
+                if moments is None:
+                    return None
+                center, scale, shift, new_mean, new_variance = coefficients(
+                    *moments, *(None if v is None else v.reshape(p) for v in views), like=x
+                )
+                y, view = _empty(x, shape)
+                _AffinePass(lay_map, scale[1], shift[1], None if center is None else center[1])(host, view, on_torch)
+            except Exception as error:  # noqa: BLE001 - as falls_back: switched off, the caller computes
+                disable(name, error)
+                return None
+            return y, None if new_mean is None else new_mean[0], None if new_variance is None else new_variance[0]
+
+        return run
+
     @falls_back
     def coefficients(
         self, rule: str, mean: Array, variance: Array, gamma: Array | None, beta: Array | None, epsilon: Any,
@@ -1081,43 +1141,21 @@ def coefficients(
     the caches, their Python steps cost a few hundred microseconds. Here they
     are one call, each operation rounded as the reference's (the same bits).
     """
-    import numpy as np
-
-    if not isinstance(epsilon, float) or (update is not None and not isinstance(update.momentum, (int, float))):
-        return None
-    if update is not None and (update.rule != ("fused" if rule == "fused" else "assign_sub") or
-                               (rule != "fused" and update.bessel != 1.0)):  # fmt: skip
-        return None
     given = [mean, variance, gamma, beta] + ([] if update is None else [update.moving_mean, update.moving_variance])
     views = [None if a is None else _host(a) for a in given]
     host = views[0]
-    if host is None or host.dtype not in ((np.float32,) if rule == "fused" else (np.float32, np.float64)):
+    if host is None:
         return None
     p = host.size
     if any(v is None or v.dtype != host.dtype or v.size != p for v, a in zip(views, given) if a is not None):
         return None
-    if rule == "fused" and (gamma is None or beta is None):
+    prepared = _Rule.make(rule, host.dtype, epsilon, update, gamma is not None, beta is not None)
+    if prepared is None:
         return None
-    dt = host.dtype.type
     vectors = [None if v is None else v.reshape(p) for v in views]
-    mean_v, variance_v, gamma_v, beta_v = vectors[:4]
-    root = _root(variance_v + dt(epsilon), like=mean)
-    moving = vectors[4:] if update is not None else [mean_v, variance_v]  # not read without an update
-    outs = [_empty(mean, (p,)) for _ in range(5 if rule == "fused" else 4)]
-    k = kernels()
-    if rule == "fused":
-        keep, mean_factor, replace = (0.0, 0.0, False) if update is None else fused_factors(float(update.momentum), 1.0)
-        variance_factor = 0.0 if update is None else fused_factors(float(update.momentum), float(update.bessel))[1]
-        k["fused_coefficients"](mean_v, variance_v, root, gamma_v, beta_v, *moving, dt(keep), dt(mean_factor),
-                                dt(variance_factor), update is not None, replace, *(v for _, v in outs))  # fmt: skip
-        center, scale, shift, new_mean, new_variance = (a for a, _ in outs)
-    else:
-        decay = 0.0 if update is None else decay_operand(update.momentum, host.dtype, np, None)
-        k["coefficients"](mean_v, variance_v, root, mean_v if gamma_v is None else gamma_v,
-                          mean_v if beta_v is None else beta_v, *moving, dt(decay), gamma is not None, beta is not None,
-                          update is not None, *(v for _, v in outs))  # fmt: skip
-        center = None
-        scale, shift, new_mean, new_variance = (a for a, _ in outs)
+    center, scale, shift, new_mean, new_variance = (
+        None if pair is None else pair[0] for pair in prepared(*vectors, like=mean)
+    )
     shape = tuple(mean.shape)
     return Coefficients(
         None if center is None else center.reshape(shape),
@@ -1126,6 +1164,64 @@ def coefficients(
         None if update is None else new_mean.reshape(tuple(update.moving_mean.shape)),
         None if update is None else new_variance.reshape(tuple(update.moving_variance.shape)),
     )
+
+
+class _Rule:
+    """What `coefficients` computes with besides the vectors: the rule, the dtype, ``epsilon`` and the update's
+    factors (fixed by the call's settings; a layer's training plan keeps one, `NumbaKernels.bind_training`)."""
+
+    def __init__(self, rule: str, dtype: Any, epsilon: float, update: MovingUpdate | None, has_gamma: bool,
+                 has_beta: bool) -> None:  # fmt: skip
+        import numpy as np
+
+        self.fused, self.update, self.has_gamma, self.has_beta = rule == "fused", update is not None, has_gamma, has_beta
+        dt = self.dt = np.dtype(dtype).type
+        self.epsilon = dt(epsilon)
+        if self.fused:
+            keep, mean_factor, replace = (0.0, 0.0, False) if update is None else fused_factors(float(update.momentum), 1.0)
+            variance_factor = 0.0 if update is None else fused_factors(float(update.momentum), float(update.bessel))[1]
+            self.factors = (dt(keep), dt(mean_factor), dt(variance_factor), update is not None, replace)
+        else:
+            decay = 0.0 if update is None else decay_operand(update.momentum, np.dtype(dtype), np, None)
+            self.factors = (dt(decay), has_gamma, has_beta, update is not None)
+
+    @classmethod
+    def make(cls, rule: str, dtype: Any, epsilon: Any, update: MovingUpdate | None, has_gamma: bool,
+             has_beta: bool) -> _Rule | None:  # fmt: skip
+        """The rule for vectors of ``dtype``, or None where the compiled loop does not apply (`coefficients`)."""
+        import numpy as np
+
+        if not isinstance(epsilon, float) or (update is not None and not isinstance(update.momentum, (int, float))):
+            return None
+        if update is not None and (update.rule != ("fused" if rule == "fused" else "assign_sub") or
+                                   (rule != "fused" and update.bessel != 1.0)):  # fmt: skip
+            return None
+        if dtype not in ((np.float32,) if rule == "fused" else (np.float32, np.float64)):
+            return None
+        if rule == "fused" and not (has_gamma and has_beta):
+            return None
+        return cls(rule, dtype, epsilon, update, has_gamma, has_beta)
+
+    def __call__(
+        self, mean: Array, variance: Array, gamma: Array | None, beta: Array | None, moving_mean: Array | None = None,
+        moving_variance: Array | None = None, *, like: Array,
+    ) -> tuple[Any, ...]:  # fmt: skip
+        """``(center, scale, shift, new_mean, new_variance)`` of the ``(C,)`` NumPy vectors (the moving ones
+        given with an update), each a pair: the new array in ``like``'s library and its NumPy view (center None
+        for the non-fused rule, the moving ones None without an update)."""
+        p = mean.shape[0]
+        root = _root(variance + self.epsilon, like=like)
+        moving = (moving_mean, moving_variance) if self.update else (mean, variance)  # not read without one
+        outs = [_empty(like, (p,)) for _ in range(5 if self.fused else 4)]
+        if self.fused:
+            kernels()["fused_coefficients"](mean, variance, root, gamma, beta, *moving, *self.factors,
+                                            *(v for _, v in outs))  # fmt: skip
+        else:
+            kernels()["coefficients"](mean, variance, root, mean if gamma is None else gamma,
+                                      mean if beta is None else beta, *moving, *self.factors,
+                                      *(v for _, v in outs))  # fmt: skip
+            outs.insert(0, None)
+        return (*outs[:3], *(outs[3:] if self.update else (None, None)))  # type: ignore[return-value]
 
 
 def _root(t: Array, like: Array) -> Array:
