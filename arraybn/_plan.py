@@ -208,6 +208,8 @@ class TrainingPlan:
             return None
         (channel,) = config.axis
         shape = tuple(inputs.shape)
+        if tuple(weights["moving_mean"].shape) != (shape[channel],):  # the step's (C,) vectors, kept as they are
+            return None
         gamma, beta = weights.get("gamma"), weights.get("beta")
         update = MovingUpdate(weights["moving_mean"], weights["moving_variance"], config.momentum, "assign_sub")
         constants: tuple[Array | None, Array | None] = (None, None)
@@ -265,8 +267,7 @@ class TrainingPlan:
         if out is None:
             return None
         y, new_mean, new_variance = out
-        shape = tuple(weights["moving_mean"].shape)
-        self.weights = layer._keep_trained(
-            weights, stored(new_mean.reshape(shape)), stored(new_variance.reshape(shape)), self.config
-        )
+        if kind[4]:  # torch: as the full call keeps them (outside autograd, never inference tensors)
+            new_mean, new_variance = stored(new_mean), stored(new_variance)
+        self.weights = layer._keep_trained(weights, new_mean, new_variance, self.config)
         return y

@@ -205,8 +205,13 @@ def _reaches(name: str, x: Array) -> bool:
     so a small call takes the next one (or the reference) at once, with the same results."""
     if name not in _SIZED:
         return True
-    threshold = importlib.import_module(f"{__name__}.{_REGISTRY[name][0]}")._MIN_BYTES
-    return math.prod(x.shape) * 8 >= threshold
+    module = _MODULES.get(name)
+    if module is None:
+        module = _MODULES[name] = importlib.import_module(f"{__name__}.{_REGISTRY[name][0]}")
+    return math.prod(x.shape) * 8 >= module._MIN_BYTES  # read on every call (tests lower it)
+
+
+_MODULES: dict[str, ModuleType] = {}  # the sized schedules' modules, imported once
 
 
 def _numba_wanted() -> bool:

@@ -328,9 +328,10 @@ def kernels() -> Any:
     def finish_shifted_moments(parts, k, tail, has_tail, shift, n, overflow, mean, variance):
         """float32 statistics from the pieces' float64 sums ``parts`` (pieces, 2, k * C) around ``shift``: the
         pieces added pairwise, a row's k channel vectors one after the other, then the tail's (the steps of
-        `_pairwise`, `_View.fold` and `channel_moments`, in their order); ``overflow[0]`` set where the
-        reference's float32 sums might overflow."""
-        work = parts.copy()
+        `_pairwise`, `_View.fold` and `channel_moments`, in their order; ``parts`` is overwritten: a pair's
+        sum goes to the slot of its level's index, below the slots still to be read); ``overflow[0]`` set
+        where the reference's float32 sums might overflow."""
+        work = parts
         m = work.shape[0]
         while m > 1:  # ((p0 + p1) + (p2 + p3)) + ...: the pairs of _pairwise, level by level
             half = m // 2
@@ -1071,8 +1072,8 @@ class NumbaKernels(Ops):
                 if moments is None:
                     return None
                 center, scale, shift, new_mean, new_variance = coefficients(
-                    *moments, *(None if v is None else v.reshape(p) for v in views), like=x
-                )
+                    *moments, *(None if v is None else v.reshape(p) for v in views), like=x, vectors_like=host
+                )  # the coefficients only feed the pass below: NumPy vectors
                 y, view = _empty(x, shape)
                 _AffinePass(lay_map, scale[1], shift[1], None if center is None else center[1])(host, view, on_torch)
             except Exception as error:  # noqa: BLE001 - as falls_back: switched off, the caller computes
@@ -1204,15 +1205,18 @@ class _Rule:
 
     def __call__(
         self, mean: Array, variance: Array, gamma: Array | None, beta: Array | None, moving_mean: Array | None = None,
-        moving_variance: Array | None = None, *, like: Array,
+        moving_variance: Array | None = None, *, like: Array, vectors_like: Array | None = None,
     ) -> tuple[Any, ...]:  # fmt: skip
         """``(center, scale, shift, new_mean, new_variance)`` of the ``(C,)`` NumPy vectors (the moving ones
-        given with an update), each a pair: the new array in ``like``'s library and its NumPy view (center None
-        for the non-fused rule, the moving ones None without an update)."""
+        given with an update), each a pair: the new array in ``like``'s library (the coefficients in
+        ``vectors_like``'s, where given) and its NumPy view (center None for the non-fused rule, the moving
+        ones None without an update)."""
+        vectors_like = like if vectors_like is None else vectors_like
         p = mean.shape[0]
-        root = _root(variance + self.epsilon, like=like)
+        root = _root(variance, self.epsilon, like=like)
         moving = (moving_mean, moving_variance) if self.update else (mean, variance)  # not read without one
-        outs = [_empty(like, (p,)) for _ in range(5 if self.fused else 4)]
+        outs = [_empty(vectors_like, (p,)) for _ in range(3 if self.fused else 2)]
+        outs += [_empty(like, (p,)) for _ in range(2)]
         if self.fused:
             kernels()["fused_coefficients"](mean, variance, root, gamma, beta, *moving, *self.factors,
                                             *(v for _, v in outs))  # fmt: skip
@@ -1224,17 +1228,20 @@ class _Rule:
         return (*outs[:3], *(outs[3:] if self.update else (None, None)))  # type: ignore[return-value]
 
 
-def _root(t: Array, like: Array) -> Array:
-    """``sqrt(t)`` of a NumPy vector in float64 (float32 ``t`` widened first, as `inverse_stddev` does), taken
-    by ``like``'s library: NumPy's is correctly rounded, torch's (on CPUs with AVX-512 at least) is not."""
+def _root(variance: Array, epsilon: Any, like: Array) -> Array:
+    """``sqrt(variance + epsilon)`` of a NumPy vector in float64 (the sum in the vector's dtype, then widened,
+    as `inverse_stddev` does), the square root taken by ``like``'s library: NumPy's is correctly rounded,
+    torch's (on CPUs with AVX-512 at least) is not."""
     import numpy as np
 
-    wide = t.astype(np.float64)
+    wide = np.empty(variance.shape, np.float64)
+    np.add(variance, epsilon, out=wide, dtype=variance.dtype)  # rounded to the vector's dtype, widened by the store
     if isinstance(like, np.ndarray):
         return np.sqrt(wide, out=wide)
     import torch
 
-    return torch.sqrt(torch.from_numpy(wide)).numpy()
+    torch.from_numpy(wide).sqrt_()  # in place: torch's square root kernel, as torch.sqrt's
+    return wide
 
 
 def _next(x: Array) -> Ops:
