@@ -79,25 +79,16 @@ class InferencePlan(NamedTuple):
         m: InferenceMap,
     ) -> InferencePlan | None:  # fmt: skip
         """The plan of an inference call just made, or None where plans are not kept."""
-        if layer.activity_regularizer is not None:
+        kind = None if layer.activity_regularizer is not None else _kind_of(inputs, weights)
+        if kind is None:
             return None
-        on_torch = is_torch_array(inputs)
-        if on_torch:
-            if _torch_modes() or inputs.device.type != "cpu" or inputs.requires_grad:
-                return None
-            if any(w.requires_grad for w in weights.values()):
-                return None
+        if kind[4]:
             try:
                 host = tuple(w.detach().numpy() for w in weights.values())
             except (TypeError, RuntimeError):  # bfloat16, a conjugate view, ...: no NumPy view
                 return None
-        elif is_numpy_array(inputs):
-            host = tuple(weights.values())
         else:
-            return None
-        if get_schedule() == "reference":
-            return None
-        kind = (type(inputs), tuple(inputs.shape), inputs.dtype, getattr(inputs, "device", None), on_torch)
+            host = tuple(weights.values())
         saved = tuple(h.tobytes() for h in host)
         runner, bind = None, getattr(ops, "bind_affine", None)
         if bind is not None and m.view is None and inputs.dtype == m.dtype == dtype_from_name(xp, config.compute_dtype):
@@ -106,14 +97,7 @@ class InferencePlan(NamedTuple):
 
     def run(self, layer: Any, inputs: Array) -> Array | None:
         """The output of ``layer(inputs)`` in inference without a mask, where this plan holds; else None."""
-        kind = self.kind
-        if type(inputs) is not kind[0] or inputs.shape != kind[1] or inputs.dtype != kind[2]:
-            return None
-        if kind[3] is not None and inputs.device != kind[3]:
-            return None
-        if getattr(inputs, "requires_grad", False) or layer._vars is not self.weights:
-            return None
-        if kind[4] and _torch_modes():
+        if not _same_kind(inputs, self.kind) or layer._vars is not self.weights:
             return None
         if not _same(settings_of(layer), self.settings):
             return None
@@ -130,6 +114,39 @@ class InferencePlan(NamedTuple):
                 return y
         with float_errors_ignored(self.xp):
             return _functional.apply_inference_map(inputs, ops, self.map, config=self.config, xp=self.xp)
+
+
+def _training_settings(layer: Any) -> tuple[Any, ...]:
+    """`settings_of`, with ``trainable`` (a training call reads it too) before ``axis``'s values."""
+    now = settings_of(layer)
+    return (*now[:-1], layer.trainable, now[-1])
+
+
+def _kind_of(inputs: Array, weights: dict[str, Array]) -> tuple[Any, ...] | None:
+    """What a plan checks of its inputs (type, shape, dtype, device, whether a torch tensor), or None where
+    plans are not kept: other libraries, torch devices, modes and autograd, the reference's schedule."""
+    on_torch = is_torch_array(inputs)
+    if on_torch:
+        if _torch_modes() or inputs.device.type != "cpu" or inputs.requires_grad:
+            return None
+        if any(w.requires_grad for w in weights.values()):
+            return None
+    elif not is_numpy_array(inputs):
+        return None
+    if get_schedule() == "reference":
+        return None
+    return (type(inputs), tuple(inputs.shape), inputs.dtype, getattr(inputs, "device", None), on_torch)
+
+
+def _same_kind(inputs: Array, kind: tuple[Any, ...]) -> bool:
+    """``inputs`` is of the plan's `_kind_of`, outside autograd and torch's modes."""
+    if type(inputs) is not kind[0] or inputs.shape != kind[1] or inputs.dtype != kind[2]:
+        return False
+    if kind[3] is not None and inputs.device != kind[3]:
+        return False
+    if getattr(inputs, "requires_grad", False):
+        return False
+    return not (kind[4] and _torch_modes())
 
 
 def _torch_modes() -> bool:
@@ -191,15 +208,8 @@ class TrainingPlan:
         if not config.fused and (config.renorm or config.virtual_batch_size is not None):
             return None
         weights = layer._vars
-        on_torch = is_torch_array(inputs)
-        if on_torch:
-            if _torch_modes() or inputs.device.type != "cpu" or inputs.requires_grad:
-                return None
-            if any(w.requires_grad for w in weights.values()):
-                return None
-        elif not is_numpy_array(inputs):
-            return None
-        if get_schedule() == "reference":
+        kind = _kind_of(inputs, weights)
+        if kind is None:
             return None
         ops = _functional.select(inputs, xp)
         bind = getattr(ops, "bind_training", None)
@@ -233,27 +243,17 @@ class TrainingPlan:
             step = bind(inputs, channel, "non_fused", config.epsilon, update, gamma, beta)
         if step is None:
             return None
-        kind = (type(inputs), shape, inputs.dtype, getattr(inputs, "device", None), on_torch)
-        settings = (*settings_of(layer)[:-1], layer.trainable, settings_of(layer)[-1])
-        return cls(kind, settings, weights, ops, xp, config, step, constants)
+        return cls(kind, _training_settings(layer), weights, ops, xp, config, step, constants)
 
     def run(self, layer: Any, inputs: Array) -> Array | None:
         """The output of ``layer(inputs, training=True)`` without a mask, keeping the new moving statistics,
         where this plan holds; else None (and nothing kept)."""
-        kind = self.kind
-        if type(inputs) is not kind[0] or inputs.shape != kind[1] or inputs.dtype != kind[2]:
-            return None
-        if kind[3] is not None and inputs.device != kind[3]:
-            return None
         weights = self.weights
-        if getattr(inputs, "requires_grad", False) or layer._vars is not weights:
-            return None
-        if kind[4] and _torch_modes():
+        if not _same_kind(inputs, self.kind) or layer._vars is not weights:
             return None
         if layer.adjustment is not None or getattr(layer, "_recording", None) is not None:
             return None
-        now = settings_of(layer)
-        if not _same((*now[:-1], layer.trainable, now[-1]), self.settings) or get_schedule() == "reference":
+        if not _same(_training_settings(layer), self.settings) or get_schedule() == "reference":
             return None
         ops = _functional.select(inputs, self.xp)  # the environment and a failed schedule, read anew
         if ops is not self.ops or any(getattr(w, "requires_grad", False) for w in weights.values()):
@@ -267,7 +267,7 @@ class TrainingPlan:
         if out is None:
             return None
         y, new_mean, new_variance = out
-        if kind[4]:  # torch: as the full call keeps them (outside autograd, never inference tensors)
+        if self.kind[4]:  # torch: as the full call keeps them (outside autograd, never inference tensors)
             new_mean, new_variance = stored(new_mean), stored(new_variance)
         self.weights = layer._keep_trained(weights, new_mean, new_variance, self.config)
         return y

@@ -33,10 +33,15 @@ CASES = (
 #: train fwd: read x twice, write y once = 3 transfers (copy = 2);
 #: inference: read once, write once = 2; fwd+bwd: the forward's 3, then
 #: x and dy read twice (reductions, then dx) and dx written once = 5 more.
+# The memory-traffic floor of each mode in units of a copy of x that writes with ordinary stores: three
+# transfers (the read of x, the read of each of y's cache lines the store needs first, the write). A pass
+# that writes its output with streaming stores skips the second. Training forward: read x twice and
+# write y (3 transfers, 1.0x); inference: read x and write y (2, 2/3x); forward+backward: read x twice,
+# write y, read x and dy twice, write dx (8, 8/3x).
 MODES = {
-    "train": ("training forward", 1.5),
-    "infer": ("inference forward", 1.0),
-    "train_bwd": ("training forward+backward", 4.0),
+    "train": ("training forward", 1.0),
+    "infer": ("inference forward", 2 / 3),
+    "train_bwd": ("training forward+backward", 8 / 3),
 }
 
 

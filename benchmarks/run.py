@@ -296,7 +296,7 @@ def flags(r: dict[str, Any], copy_ms: float | None) -> list[str]:
         floor = MODES[r["mode"]][1]
         if r["median_s"] * 1e3 / copy_ms < FLOOR_SLACK * floor:
             out.append(
-                f"{r['median_s'] * 1e3 / copy_ms:.2f}x a copy, below the memory floor {floor:.1f}x: "
+                f"{r['median_s'] * 1e3 / copy_ms:.2f}x a copy, below the memory floor {floor:.2f}x: "
                 "the copy or this call was disturbed (or the output is lazy); rerun"
             )
     return out
@@ -373,7 +373,7 @@ def markdown(results: list[dict[str, Any]], skipped: dict[str, str], meta: dict[
         ms = _fmt(r["ms"]) if r["status"] == "ok" else str(r["status"])
         lines.append(
             f"| {r['case']} | {MODES[r['mode']][0]} | {r['implementation']} | {ms} | {_fmt(r['x_tf'])} | "
-            f"{_fmt(r['x_torch'])} | {_fmt(r['x_copy'])} | {r['floor_x_copy']:.1f} | {r['extra']} |"
+            f"{_fmt(r['x_torch'])} | {_fmt(r['x_copy'])} | {r['floor_x_copy']:.2f} | {r['extra']} |"
         )
     lines += ["", "## Every measurement", ""]
     lines.append("| case | mode | implementation | median ms | IQR ms | GB/s at the floor | peak extra memory | note |")
@@ -396,8 +396,10 @@ def markdown(results: list[dict[str, Any]], skipped: dict[str, str], meta: dict[
     lines += [
         "",
         "×X = arraybn's median / X's median (below 1: arraybn is faster). ×copy compares with a copy of the tensor "
-        "in the same namespace on the same device; *floor ×copy* is the memory-traffic minimum in those units "
-        "(training forward: read x twice + write y = 1.5; inference: 1.0; forward+backward: 4.0). Peak extra "
+        "in the same namespace on the same device; *floor ×copy* is the memory-traffic minimum in those units, "
+        "for passes that write with streaming stores against a copy that writes with ordinary stores (which "
+        "reads each output line before writing it): training forward 1.0 (read x twice, write y), inference "
+        "0.67, forward+backward 2.67. Peak extra "
         "memory: bytes allocated beyond the inputs and the returned outputs, and that in units of x.",
         "",
     ]

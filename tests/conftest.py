@@ -50,6 +50,26 @@ def assert_close(actual, expected: np.ndarray, exact: bool, what: str) -> None: 
         np.testing.assert_allclose(actual, expected, rtol=8 * EPS32, atol=8 * EPS32 * scale, err_msg=what)
 
 
+def library_copy(name: str):  # type: ignore[no-untyped-def]
+    """A function giving a NumPy array's copy as an array of library ``name`` ("numpy" or "torch"; the test
+    is skipped without torch)."""
+    if name == "numpy":
+        return lambda a: a.copy()
+    torch = pytest.importorskip("torch")
+    return lambda a: torch.from_numpy(a.copy())
+
+
+@pytest.fixture(params=["numpy", "torch"])
+def to_lib(request):  # type: ignore[no-untyped-def]
+    """`library_copy` for NumPy and for torch."""
+    return library_copy(request.param)
+
+
+def host_array(a):  # type: ignore[no-untyped-def]
+    """A NumPy array or a torch CPU tensor as a NumPy array."""
+    return np.asarray(a.detach().numpy() if hasattr(a, "detach") else a)
+
+
 def recorded(monkeypatch, owner, name: str, keep=lambda result: True) -> list:  # type: ignore[no-untyped-def]
     """Wrap ``owner.name`` for the test: it still computes, and its results that ``keep`` accepts are
     appended to the list returned (which calls took a schedule's path, say)."""

@@ -13,6 +13,8 @@ import pytest
 import arraybn
 from arraybn._plan import InferencePlan
 
+from conftest import host_array as _np
+from conftest import library_copy as _library
 from conftest import recorded
 
 CASES = [  # (shape, layer kwargs): the fused path (NHWC, NCHW), the non-fused one (2-D, ghost batches)
@@ -21,22 +23,6 @@ CASES = [  # (shape, layer kwargs): the fused path (NHWC, NCHW), the non-fused o
     ((8192, 64), {}),  # 2 MiB: the compiled loops' size
     ((32, 24), {"virtual_batch_size": 8}),
 ]
-
-
-def _library(name: str):  # type: ignore[no-untyped-def]
-    if name == "numpy":
-        return lambda a: a.copy()
-    torch = pytest.importorskip("torch")
-    return lambda a: torch.from_numpy(a.copy())
-
-
-@pytest.fixture(params=["numpy", "torch"])
-def to_lib(request):  # type: ignore[no-untyped-def]
-    return _library(request.param)
-
-
-def _np(a):  # type: ignore[no-untyped-def]
-    return np.asarray(a.detach().numpy() if hasattr(a, "detach") else a)
 
 
 def _trained(shape, kwargs, to_lib, dtype=np.float32, seed=0):  # type: ignore[no-untyped-def]

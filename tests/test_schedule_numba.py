@@ -75,7 +75,12 @@ def _namespace(name: str):  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize("namespace", ["numpy", "torch"])
 @pytest.mark.parametrize(("shape", "channel"), SHAPES)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_elementwise_passes_are_bitwise_the_reference(loops, namespace, shape, channel, dtype) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("streamed", [False, True])
+def test_elementwise_passes_are_bitwise_the_reference(monkeypatch, loops, namespace, shape, channel, dtype, streamed) -> None:  # type: ignore[no-untyped-def]
+    """The scale-and-shift and the backward's gradient, with plain stores and with streaming stores (the
+    outputs of `_STREAM_BYTES` and more), are the reference's bits."""
+    monkeypatch.setattr(nk, "_STREAM_BYTES", 0 if streamed else 1 << 62)
+    names = recorded(monkeypatch, nk, "_streamed")  # the kernels the elementwise passes' pieces ran
     wrap, unwrap, ns = _namespace(namespace)
     rng = np.random.default_rng(40)
     x, dy = (wrap((rng.standard_normal(shape) * 3 + 1e3).astype(dtype)) for _ in range(2))
@@ -87,6 +92,34 @@ def test_elementwise_passes_are_bitwise_the_reference(loops, namespace, shape, c
     got = OPS.backward_dx(x, dy, m, k, a, b, ns)
     np.testing.assert_array_equal(unwrap(got), unwrap(REFERENCE.backward_dx(x, dy, m, k, a, b, ns)))
     assert len(loops) == 3
+    assert len(names) == 3 and all(name.endswith("_stream") == streamed for name in names)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_streaming_rows_are_the_plain_loops_bits(dtype) -> None:  # type: ignore[no-untyped-def]
+    """The streaming kernels write every element of every row (the head before the output's first 64-byte
+    boundary, the 64-byte lines, the tail) with the plain kernels' values, at any alignment and row length."""
+    k = nk.kernels()
+    rng = np.random.default_rng(7)
+    for width in (1, 3, 15, 16, 17, 64, 100, 1021):
+        x, dy = (rng.standard_normal((20, width)).astype(dtype) for _ in range(2))
+        c, a, b, m = (rng.standard_normal(max(width, 5)).astype(dtype) for _ in range(4))
+        for offset in range(17):  # the output's start, in elements past an allocation's
+            out = np.empty(20 * width + 32, dtype)[offset : offset + 20 * width].reshape(20, width)
+            cases = [
+                ("rows_scale", (x, a[:width], b[:width], 3, 17)),
+                ("rows_affine", (x, c[:width], a[:width], b[:width], 0, 20)),
+                ("rows_dx", (x, dy, m[:width], c[:width], a[:width], b[:width], 0, 20)),
+                ("channel_rows_scale", (x, a, b, 5, 0, 20)),
+                ("channel_rows_affine", (x, c, a, b, 5, 2, 20)),
+                ("channel_rows_dx", (x, dy, m, c, a, b, 5, 0, 20)),
+            ]
+            for name, args in cases:
+                expected = np.full((20, width), np.nan, dtype)
+                out[...] = np.nan
+                k[name](*args, expected)
+                k[f"{name}_stream"](*args, out)
+                np.testing.assert_array_equal(out, expected, err_msg=f"{name} {width} {offset}")
 
 
 # (rule, dtype, the moving statistics' update, gamma given, beta given): every form the compiled loop takes

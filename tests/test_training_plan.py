@@ -12,6 +12,8 @@ import pytest
 import arraybn
 from arraybn._plan import TrainingPlan
 
+from conftest import host_array as _np
+from conftest import library_copy as _library
 from conftest import recorded
 
 pytest.importorskip("numba")  # the plan binds numba-kernels' training step
@@ -30,22 +32,6 @@ CASES = [
     ((8192, 64), {"dtype": "float64"}),
     ((4, 48, 40, 40), {"axis": 1, "dtype": "float64", "fused": False}),
 ]
-
-
-def _library(name: str):  # type: ignore[no-untyped-def]
-    if name == "numpy":
-        return lambda a: a.copy()
-    torch = pytest.importorskip("torch")
-    return lambda a: torch.from_numpy(a.copy())
-
-
-@pytest.fixture(params=["numpy", "torch"])
-def to_lib(request):  # type: ignore[no-untyped-def]
-    return _library(request.param)
-
-
-def _np(a):  # type: ignore[no-untyped-def]
-    return np.asarray(a.detach().numpy() if hasattr(a, "detach") else a)
 
 
 def _inputs(shape, dtype=np.float32, count=3, seed=0):  # type: ignore[no-untyped-def]

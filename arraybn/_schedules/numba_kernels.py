@@ -30,6 +30,10 @@ roundings):
   the other, and the pieces' pairwise. With float64 partial sums this is at
   least as accurate as the reference's float32 blocked sums.
 
+Outputs of `_STREAM_BYTES` and more are written with streaming (non-temporal) stores: a row is
+computed into a small buffer and copied out in 64-byte lines that are not read into the caches
+first (the same values; such outputs leave the caches anyway, and memcpy does the same).
+
 Where the reference's float32 sums could overflow while float64 ones do not
 (a total beyond 2**120), the statistics are left to the next schedule's
 float32 arithmetic, so infinities appear where TensorFlow's float32 sums make them.
@@ -82,6 +86,7 @@ _LEAF = 64  # values (rows, or 8-wide lanes) added into one partial sum before i
 _SUM_ROW_ELEMENTS = 4096  # channels-last rows of the sums hold at least this many elements (fewer partial-sum updates)
 _MAP_ROW_ELEMENTS = 64  # and of the elementwise passes (rows of 1024 ran 20-30% slower with 64 channels)
 _MIN_BYTES = 1 << 20  # below this the reference's expressions are as fast
+_STREAM_BYTES = 16 << 20  # outputs this large are written with streaming stores (they leave the caches anyway)
 _MIN_INNER = 64  # channels in the middle: shorter runs per channel are left to the reference
 _OVERFLOW = 2.0**120  # a float64 total beyond this: the reference's float32 sums might overflow
 
@@ -391,7 +396,153 @@ def kernels() -> Any:
                 new_mean[i] = moving_mean[i] - (moving_mean[i] - mean) * decay
                 new_variance[i] = moving_variance[i] - (moving_variance[i] - variance) * decay
 
+    # ---- the elementwise passes with streaming stores (outputs of at least `_STREAM_BYTES`) ----
+    # A row is computed into a small buffer (the same operations, the same bits) and copied to the
+    # output with non-temporal stores: the output's cache lines are written without being read first
+    # and without evicting the input, as memcpy does for large copies. A fence ends each piece.
+
+    stream = _stream_intrinsics()
+    stream_row, store_fence = stream.row, stream.fence
+
+    @jit
+    def rows_affine_stream(x, center, scale, shift, lo, hi, y):
+        w = x.shape[1]
+        buf = np.empty(w, y.dtype)
+        for i in range(lo, hi):
+            for j in range(w):
+                buf[j] = (x[i, j] - center[j]) * scale[j] + shift[j]
+            stream_row(y[i], buf)
+        store_fence()
+
+    @jit
+    def rows_scale_stream(x, scale, shift, lo, hi, y):
+        w = x.shape[1]
+        buf = np.empty(w, y.dtype)
+        for i in range(lo, hi):
+            for j in range(w):
+                buf[j] = x[i, j] * scale[j] + shift[j]
+            stream_row(y[i], buf)
+        store_fence()
+
+    @jit
+    def channel_rows_affine_stream(x, center, scale, shift, c, lo, hi, y):
+        n = x.shape[1]
+        buf = np.empty(n, y.dtype)
+        for r in range(lo, hi):
+            m, a, b = center[r % c], scale[r % c], shift[r % c]
+            for i in range(n):
+                buf[i] = (x[r, i] - m) * a + b
+            stream_row(y[r], buf)
+        store_fence()
+
+    @jit
+    def channel_rows_scale_stream(x, scale, shift, c, lo, hi, y):
+        n = x.shape[1]
+        buf = np.empty(n, y.dtype)
+        for r in range(lo, hi):
+            a, b = scale[r % c], shift[r % c]
+            for i in range(n):
+                buf[i] = x[r, i] * a + b
+            stream_row(y[r], buf)
+        store_fence()
+
+    @jit
+    def rows_dx_stream(x, dy, mean, k, p, q, lo, hi, out):
+        w = x.shape[1]
+        buf = np.empty(w, out.dtype)
+        for i in range(lo, hi):
+            for j in range(w):
+                buf[j] = dy[i, j] * k[j] + ((x[i, j] - mean[j]) * p[j] + q[j])
+            stream_row(out[i], buf)
+        store_fence()
+
+    @jit
+    def channel_rows_dx_stream(x, dy, mean, k, p, q, c, lo, hi, out):
+        n = x.shape[1]
+        buf = np.empty(n, out.dtype)
+        for r in range(lo, hi):
+            ch = r % c
+            m, kc, pc, qc = mean[ch], k[ch], p[ch], q[ch]
+            for i in range(n):
+                buf[i] = dy[r, i] * kc + ((x[r, i] - m) * pc + qc)
+            stream_row(out[r], buf)
+        store_fence()
+
+    del stream
     return dict(locals())
+
+
+def _stream_intrinsics() -> Any:
+    """Two Numba intrinsics: ``row(dst, src)`` copies the C-contiguous 1-D ``src`` to ``dst`` (same length and
+    dtype, of 4 or 8 bytes), the part of ``dst`` from its first 64-byte boundary on in 64-byte non-temporal
+    stores (the rest in 4-byte words); ``fence()`` orders those stores before any later one (SFENCE on x86, else
+    ``fence seq_cst``)."""
+    import platform
+    import types
+
+    from llvmlite import ir
+    from numba import types as nt
+    from numba.core import cgutils
+    from numba.extending import intrinsic
+
+    byte, word, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
+    line = ir.VectorType(byte, 64)
+
+    @intrinsic
+    def row(typingctx: Any, dst: Any, src: Any) -> Any:
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            d_ty, s_ty = signature.args
+            d = context.make_array(d_ty)(context, builder, args[0])
+            s = context.make_array(s_ty)(context, builder, args[1])
+            size = context.get_abi_sizeof(context.get_data_type(d_ty.dtype))
+            nbytes = builder.mul(builder.extract_value(d.shape, 0), ir.Constant(i64, size))
+            dp = builder.bitcast(d.data, byte.as_pointer())
+            sp = builder.bitcast(s.data, byte.as_pointer())
+            address = builder.ptrtoint(dp, i64)
+            head = builder.and_(builder.sub(ir.Constant(i64, 0), address), ir.Constant(i64, 63))
+            head = builder.select(builder.icmp_unsigned("<", nbytes, head), nbytes, head)
+            lines = builder.udiv(builder.sub(nbytes, head), ir.Constant(i64, 64))
+            body_end = builder.add(head, builder.mul(lines, ir.Constant(i64, 64)))
+            hint = builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)])
+
+            words = (builder.bitcast(sp, word.as_pointer()), builder.bitcast(dp, word.as_pointer()))
+
+            def copy_bytes(lo: Any, hi: Any) -> None:  # in 4-byte words: offsets and sizes are multiples of 4
+                four = ir.Constant(i64, 4)
+                with cgutils.for_range_slice(builder, builder.udiv(lo, four), builder.udiv(hi, four),
+                                             ir.Constant(i64, 1)) as (k, _):  # fmt: skip
+                    builder.store(builder.load(builder.gep(words[0], [k])), builder.gep(words[1], [k]))
+
+            copy_bytes(ir.Constant(i64, 0), head)
+            with cgutils.for_range_slice(builder, head, body_end, ir.Constant(i64, 64)) as (k, _):
+                value = builder.load(builder.bitcast(builder.gep(sp, [k]), line.as_pointer()), align=1)
+                store = builder.store(value, builder.bitcast(builder.gep(dp, [k]), line.as_pointer()), align=64)
+                store.set_metadata("nontemporal", hint)
+            copy_bytes(body_end, nbytes)
+            return context.get_dummy_value()
+
+        if not (isinstance(dst, nt.Array) and isinstance(src, nt.Array) and dst.ndim == src.ndim == 1):
+            return None
+        if dst.dtype != src.dtype or src.layout != "C" or dst.dtype.bitwidth % 32:
+            return None
+        return nt.void(dst, src), codegen
+
+    x86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
+
+    @intrinsic
+    def fence(typingctx: Any) -> Any:
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            if x86:  # SFENCE: what orders non-temporal stores (a locked instruction need not)
+                sfence = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []),
+                                                        "llvm.x86.sse.sfence")  # fmt: skip
+                builder.call(sfence, [])
+            else:
+                builder.fence("seq_cst")
+            return context.get_dummy_value()
+
+        return nt.void(), codegen
+
+    return types.SimpleNamespace(row=row, fence=fence)
 
 
 # ---------------------------------------------------------------------------
@@ -764,6 +915,7 @@ class _AffinePass:
         self.lay = lay
         self.vectors = (scale, shift) if center is None else (center, scale, shift)
         self.name = "rows_scale" if center is None else "rows_affine"
+        self.pieces = _streamed(self.name, lay, scale.dtype.itemsize)  # the pieces' loops
         self.last = lay.b == 1
         self.tiled = tuple(_tiled(v, lay) for v in self.vectors)
 
@@ -772,13 +924,21 @@ class _AffinePass:
 
         src, out = _View(x, self.lay, np), _View(y, self.lay, np)
         if self.last:
-            _run_pieces(self.name, src.rows.shape[0], (src.rows, *self.tiled), (out.rows,), openmp=openmp)
+            _run_pieces(self.pieces, src.rows.shape[0], (src.rows, *self.tiled), (out.rows,), openmp=openmp)
             if src.tail is not None:
                 kernels()[self.name](src.tail, *self.vectors, 0, src.tail.shape[0], out.tail)
             return y
         head = (src.rows, *self.vectors, self.lay.c)
-        _run_pieces(f"channel_{self.name}", src.rows.shape[0], head, (out.rows,), openmp=openmp)
+        _run_pieces(self.pieces, src.rows.shape[0], head, (out.rows,), openmp=openmp)
         return y
+
+
+def _streamed(name: str, lay: blocked.Layout, itemsize: int) -> str:
+    """The kernel writing an elementwise pass's pieces: ``name`` (channels last) or ``channel_`` + ``name``,
+    with streaming stores (its ``_stream`` twin in `kernels`) where the output has at least `_STREAM_BYTES`
+    (the same bits)."""
+    name = name if lay.b == 1 else f"channel_{name}"
+    return f"{name}_stream" if lay.a * lay.c * lay.b * itemsize >= _STREAM_BYTES else name
 
 
 def backward_sums(
@@ -804,14 +964,15 @@ def backward_dx(
     """``dy * k + ((x - mean) * p + q)`` with per-channel ``mean, k, p, q``, rounded per operation, into
     ``out`` (shaped as ``x``; `_empty`)."""
     src, grad, res = _View(x, lay, np), _View(dy, lay, np), _View(out, lay, np)
+    pieces = _streamed("rows_dx", lay, out.dtype.itemsize)
     if src.last:
         tiled = [src.tiled(v) for v in vectors]
-        _run_pieces("rows_dx", src.rows.shape[0], (src.rows, grad.rows, *tiled), (res.rows,), openmp=openmp)
+        _run_pieces(pieces, src.rows.shape[0], (src.rows, grad.rows, *tiled), (res.rows,), openmp=openmp)
         if src.tail is not None:
             kernels()["rows_dx"](src.tail, grad.tail, *vectors, 0, src.tail.shape[0], res.tail)
         return out
     head = (src.rows, grad.rows, *vectors, lay.c)
-    _run_pieces("channel_rows_dx", src.rows.shape[0], head, (res.rows,), openmp=openmp)
+    _run_pieces(pieces, src.rows.shape[0], head, (res.rows,), openmp=openmp)
     return out
 
 
