@@ -97,11 +97,12 @@ def test_elementwise_passes_are_bitwise_the_reference(monkeypatch, loops, namesp
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_streaming_rows_are_the_plain_loops_bits(dtype) -> None:  # type: ignore[no-untyped-def]
-    """The streaming kernels write every element of every row (the head before the output's first 64-byte
-    boundary, the 64-byte lines, the tail) with the plain kernels' values, at any alignment and row length."""
+    """The streaming kernels write every element of every row (chunk by chunk: the head before the first
+    64-byte boundary, the 64-byte lines, the tail) with the plain kernels' values, at any alignment and row
+    length."""
     k = nk.kernels()
     rng = np.random.default_rng(7)
-    for width in (1, 3, 15, 16, 17, 64, 100, 1021):
+    for width in (1, 3, 15, 16, 17, 64, 100, 1021, 2 * nk._STREAM_CHUNK + 452):  # the last: three chunks a row
         x, dy = (rng.standard_normal((20, width)).astype(dtype) for _ in range(2))
         c, a, b, m = (rng.standard_normal(max(width, 5)).astype(dtype) for _ in range(4))
         for offset in range(17):  # the output's start, in elements past an allocation's

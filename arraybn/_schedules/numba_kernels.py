@@ -87,6 +87,7 @@ _SUM_ROW_ELEMENTS = 4096  # channels-last rows of the sums hold at least this ma
 _MAP_ROW_ELEMENTS = 64  # and of the elementwise passes (rows of 1024 ran 20-30% slower with 64 channels)
 _MIN_BYTES = 1 << 20  # below this the reference's expressions are as fast
 _STREAM_BYTES = 16 << 20  # outputs this large are written with streaming stores (they leave the caches anyway)
+_STREAM_CHUNK = 1024  # values computed into the buffer that streaming stores copy out (a multiple of 64 bytes)
 _MIN_INNER = 64  # channels in the middle: shorter runs per channel are left to the reference
 _OVERFLOW = 2.0**120  # a float64 total beyond this: the reference's float32 sums might overflow
 
@@ -397,75 +398,97 @@ def kernels() -> Any:
                 new_variance[i] = moving_variance[i] - (moving_variance[i] - variance) * decay
 
     # ---- the elementwise passes with streaming stores (outputs of at least `_STREAM_BYTES`) ----
-    # A row is computed into a small buffer (the same operations, the same bits) and copied to the
-    # output with non-temporal stores: the output's cache lines are written without being read first
+    # A row is computed, `_STREAM_CHUNK` values at a time, into a small buffer (the same operations,
+    # the same bits) and copied to the output with non-temporal stores: the output's cache lines are written without being read first
     # and without evicting the input, as memcpy does for large copies. A fence ends each piece.
 
     stream = _stream_intrinsics()
     stream_row, store_fence = stream.row, stream.fence
+    chunk = _STREAM_CHUNK
 
     @jit
     def rows_affine_stream(x, center, scale, shift, lo, hi, y):
         w = x.shape[1]
-        buf = np.empty(w, y.dtype)
+        buf = np.empty(min(w, chunk), y.dtype)
         for i in range(lo, hi):
-            for j in range(w):
-                buf[j] = (x[i, j] - center[j]) * scale[j] + shift[j]
-            stream_row(y[i], buf)
+            for piece in range((w + chunk - 1) // chunk):  # (a chunk index, not a stepped range: indices
+                a = piece * chunk  # the compiler sees as non-negative keep the loop vectorized)
+                n = min(chunk, w - a)
+                for j in range(n):
+                    k = a + j
+                    buf[j] = (x[i, k] - center[k]) * scale[k] + shift[k]
+                stream_row(y, i, a, buf, n)
         store_fence()
 
     @jit
     def rows_scale_stream(x, scale, shift, lo, hi, y):
         w = x.shape[1]
-        buf = np.empty(w, y.dtype)
+        buf = np.empty(min(w, chunk), y.dtype)
         for i in range(lo, hi):
-            for j in range(w):
-                buf[j] = x[i, j] * scale[j] + shift[j]
-            stream_row(y[i], buf)
+            for piece in range((w + chunk - 1) // chunk):
+                a = piece * chunk
+                n = min(chunk, w - a)
+                for j in range(n):
+                    k = a + j
+                    buf[j] = x[i, k] * scale[k] + shift[k]
+                stream_row(y, i, a, buf, n)
         store_fence()
 
     @jit
     def channel_rows_affine_stream(x, center, scale, shift, c, lo, hi, y):
-        n = x.shape[1]
-        buf = np.empty(n, y.dtype)
+        w = x.shape[1]
+        buf = np.empty(min(w, chunk), y.dtype)
         for r in range(lo, hi):
-            m, a, b = center[r % c], scale[r % c], shift[r % c]
-            for i in range(n):
-                buf[i] = (x[r, i] - m) * a + b
-            stream_row(y[r], buf)
+            m, s, t = center[r % c], scale[r % c], shift[r % c]
+            for piece in range((w + chunk - 1) // chunk):
+                a = piece * chunk
+                n = min(chunk, w - a)
+                for j in range(n):
+                    buf[j] = (x[r, a + j] - m) * s + t
+                stream_row(y, r, a, buf, n)
         store_fence()
 
     @jit
     def channel_rows_scale_stream(x, scale, shift, c, lo, hi, y):
-        n = x.shape[1]
-        buf = np.empty(n, y.dtype)
+        w = x.shape[1]
+        buf = np.empty(min(w, chunk), y.dtype)
         for r in range(lo, hi):
-            a, b = scale[r % c], shift[r % c]
-            for i in range(n):
-                buf[i] = x[r, i] * a + b
-            stream_row(y[r], buf)
+            s, t = scale[r % c], shift[r % c]
+            for piece in range((w + chunk - 1) // chunk):
+                a = piece * chunk
+                n = min(chunk, w - a)
+                for j in range(n):
+                    buf[j] = x[r, a + j] * s + t
+                stream_row(y, r, a, buf, n)
         store_fence()
 
     @jit
     def rows_dx_stream(x, dy, mean, k, p, q, lo, hi, out):
         w = x.shape[1]
-        buf = np.empty(w, out.dtype)
+        buf = np.empty(min(w, chunk), out.dtype)
         for i in range(lo, hi):
-            for j in range(w):
-                buf[j] = dy[i, j] * k[j] + ((x[i, j] - mean[j]) * p[j] + q[j])
-            stream_row(out[i], buf)
+            for piece in range((w + chunk - 1) // chunk):
+                a = piece * chunk
+                n = min(chunk, w - a)
+                for j in range(n):
+                    h = a + j
+                    buf[j] = dy[i, h] * k[h] + ((x[i, h] - mean[h]) * p[h] + q[h])
+                stream_row(out, i, a, buf, n)
         store_fence()
 
     @jit
     def channel_rows_dx_stream(x, dy, mean, k, p, q, c, lo, hi, out):
-        n = x.shape[1]
-        buf = np.empty(n, out.dtype)
+        w = x.shape[1]
+        buf = np.empty(min(w, chunk), out.dtype)
         for r in range(lo, hi):
             ch = r % c
             m, kc, pc, qc = mean[ch], k[ch], p[ch], q[ch]
-            for i in range(n):
-                buf[i] = dy[r, i] * kc + ((x[r, i] - m) * pc + qc)
-            stream_row(out[r], buf)
+            for piece in range((w + chunk - 1) // chunk):
+                a = piece * chunk
+                n = min(chunk, w - a)
+                for j in range(n):
+                    buf[j] = dy[r, a + j] * kc + ((x[r, a + j] - m) * pc + qc)
+                stream_row(out, r, a, buf, n)
         store_fence()
 
     del stream
@@ -473,9 +496,10 @@ def kernels() -> Any:
 
 
 def _stream_intrinsics() -> Any:
-    """Two Numba intrinsics: ``row(dst, src)`` copies the C-contiguous 1-D ``src`` to ``dst`` (same length and
-    dtype, of 4 or 8 bytes), the part of ``dst`` from its first 64-byte boundary on in 64-byte non-temporal
-    stores (the rest in 4-byte words); ``fence()`` orders those stores before any later one (SFENCE on x86, else
+    """Two Numba intrinsics: ``row(dst, i, start, src, count)`` copies ``src[:count]`` to ``dst[i, start:start +
+    count]`` (C-contiguous arrays of one dtype of 4 or 8 bytes; no views are made, so no reference counts
+    are touched), from the first 64-byte boundary of the destination on in 64-byte non-temporal stores
+    (the rest in 4-byte words); ``fence()`` orders those stores before any later one (SFENCE on x86, else
     ``fence seq_cst``)."""
     import platform
     import types
@@ -489,43 +513,45 @@ def _stream_intrinsics() -> Any:
     line = ir.VectorType(byte, 64)
 
     @intrinsic
-    def row(typingctx: Any, dst: Any, src: Any) -> Any:
+    def row(typingctx: Any, dst: Any, i: Any, start: Any, src: Any, count: Any) -> Any:
         def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-            d_ty, s_ty = signature.args
+            d_ty, _, _, s_ty, _ = signature.args
             d = context.make_array(d_ty)(context, builder, args[0])
-            s = context.make_array(s_ty)(context, builder, args[1])
-            size = context.get_abi_sizeof(context.get_data_type(d_ty.dtype))
-            nbytes = builder.mul(builder.extract_value(d.shape, 0), ir.Constant(i64, size))
-            dp = builder.bitcast(d.data, byte.as_pointer())
+            s = context.make_array(s_ty)(context, builder, args[3])
+            size = ir.Constant(i64, context.get_abi_sizeof(context.get_data_type(d_ty.dtype)))
+            row_start = builder.mul(args[1], builder.extract_value(d.strides, 0))
+            offset = builder.add(row_start, builder.mul(args[2], size))
+            dp = builder.gep(builder.bitcast(d.data, byte.as_pointer()), [offset])
             sp = builder.bitcast(s.data, byte.as_pointer())
+            nbytes = builder.mul(args[4], size)
             address = builder.ptrtoint(dp, i64)
             head = builder.and_(builder.sub(ir.Constant(i64, 0), address), ir.Constant(i64, 63))
             head = builder.select(builder.icmp_unsigned("<", nbytes, head), nbytes, head)
             lines = builder.udiv(builder.sub(nbytes, head), ir.Constant(i64, 64))
             body_end = builder.add(head, builder.mul(lines, ir.Constant(i64, 64)))
             hint = builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)])
-
             words = (builder.bitcast(sp, word.as_pointer()), builder.bitcast(dp, word.as_pointer()))
 
-            def copy_bytes(lo: Any, hi: Any) -> None:  # in 4-byte words: offsets and sizes are multiples of 4
+            def copy_words(lo: Any, hi: Any) -> None:  # offsets and sizes are multiples of 4 bytes
                 four = ir.Constant(i64, 4)
                 with cgutils.for_range_slice(builder, builder.udiv(lo, four), builder.udiv(hi, four),
                                              ir.Constant(i64, 1)) as (k, _):  # fmt: skip
                     builder.store(builder.load(builder.gep(words[0], [k])), builder.gep(words[1], [k]))
 
-            copy_bytes(ir.Constant(i64, 0), head)
+            copy_words(ir.Constant(i64, 0), head)
             with cgutils.for_range_slice(builder, head, body_end, ir.Constant(i64, 64)) as (k, _):
                 value = builder.load(builder.bitcast(builder.gep(sp, [k]), line.as_pointer()), align=1)
                 store = builder.store(value, builder.bitcast(builder.gep(dp, [k]), line.as_pointer()), align=64)
                 store.set_metadata("nontemporal", hint)
-            copy_bytes(body_end, nbytes)
+            copy_words(body_end, nbytes)
             return context.get_dummy_value()
 
-        if not (isinstance(dst, nt.Array) and isinstance(src, nt.Array) and dst.ndim == src.ndim == 1):
+        arrays = isinstance(dst, nt.Array) and isinstance(src, nt.Array)
+        if not arrays or dst.ndim != 2 or src.ndim != 1 or dst.layout != "C" or src.layout != "C":
             return None
-        if dst.dtype != src.dtype or src.layout != "C" or dst.dtype.bitwidth % 32:
+        if dst.dtype != src.dtype or dst.dtype.bitwidth % 32:
             return None
-        return nt.void(dst, src), codegen
+        return nt.void(dst, nt.intp, nt.intp, src, nt.intp), codegen
 
     x86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
 
