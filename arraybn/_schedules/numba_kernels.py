@@ -399,8 +399,10 @@ def kernels() -> Any:
 
     # ---- the elementwise passes with streaming stores (outputs of at least `_STREAM_BYTES`) ----
     # A row is computed, `_STREAM_CHUNK` values at a time, into a small buffer (the same operations,
-    # the same bits) and copied to the output with non-temporal stores: the output's cache lines are written without being read first
-    # and without evicting the input, as memcpy does for large copies. A fence ends each piece.
+    # the same bits) and copied to the output with non-temporal stores: the output's cache lines are
+    # written without being read first and without evicting the input, as memcpy does for large
+    # copies. A fence ends each piece. The chunks are counted by an index (not a stepped range), so
+    # that the compiler sees the element indices as non-negative and keeps the loops vectorized.
 
     stream = _stream_intrinsics()
     stream_row, store_fence = stream.row, stream.fence
@@ -411,8 +413,8 @@ def kernels() -> Any:
         w = x.shape[1]
         buf = np.empty(min(w, chunk), y.dtype)
         for i in range(lo, hi):
-            for piece in range((w + chunk - 1) // chunk):  # (a chunk index, not a stepped range: indices
-                a = piece * chunk  # the compiler sees as non-negative keep the loop vectorized)
+            for piece in range((w + chunk - 1) // chunk):
+                a = piece * chunk
                 n = min(chunk, w - a)
                 for j in range(n):
                     k = a + j
