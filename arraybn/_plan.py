@@ -1,4 +1,4 @@
-"""The inference map a layer keeps between calls: inference without recomputing what did not change.
+"""What a layer keeps between calls: its inference map, and the decisions of its last training call.
 
 An inference call's output is a per-channel map of its input whose
 coefficients depend only on the weights, the layer's settings and the input's
@@ -30,6 +30,11 @@ torch CPU tensors (where the checks are cheap and the saving counts), never
 under ``arraybn.schedule("reference")``, for an input with a
 mask, for a layer with an activity regularizer, for traced, lazy or device
 arrays, or while a torch function mode intercepts torch's calls.
+
+`TrainingPlan` does the same for a plain training call: it keeps what
+decided the call's path through the reference and the schedule's bound
+training step, and runs that step while all of it is unchanged (its
+docstring lists what it checks and which calls it takes).
 """
 
 from __future__ import annotations
