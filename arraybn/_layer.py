@@ -381,7 +381,9 @@ class BatchNormalization:
         ``adjustment`` and settle the mask (`_call_arguments`), compute (`arraybn.batch_norm`; in
         inference its two steps, `_inference`), then keep the new state and the activity loss
         (`_keep`). Nothing is kept if a step raises. An inference call whose input, settings and
-        weights are those of the last one applies that call's map at once (`arraybn._plan`).
+        weights are those of the last one applies that call's map at once, and a plain training call
+        after a training call with the same input kind and settings runs the schedule's bound
+        training step (`arraybn._plan`): the same bits as the full call.
         """
         if mask is None:
             if training is True:
