@@ -258,9 +258,9 @@ class TrainingPlan:
             return None
         if layer.adjustment is not None or getattr(layer, "_recording", None) is not None:
             return None
-        if not _same(_training_settings(layer), self.settings) or get_schedule() == "reference":
+        if not _same(_training_settings(layer), self.settings):
             return None
-        ops = _functional.select(inputs, self.xp)  # the environment and a failed schedule, read anew
+        ops = _functional.select(inputs, self.xp)  # the setting, the environment and a failed schedule, read anew
         if ops is not self.ops or any(getattr(w, "requires_grad", False) for w in weights.values()):
             return None
         gamma, beta = self.constants

@@ -1050,6 +1050,39 @@ def _contiguous_host(x: Array, on_torch: bool) -> Array | None:
     return x.numpy()
 
 
+def _host_vectors(vectors: Sequence[Array | None], dtype: Any, p: int) -> list[Array | None] | None:
+    """NumPy ``(p,)`` views (`_host`) of ``vectors`` (None stays None), or None where one has no view or
+    another dtype or size."""
+    views: list[Array | None] = []
+    for a in vectors:
+        v = None if a is None else _host(a)
+        if a is not None and (v is None or v.dtype != dtype or v.size != p):
+            return None
+        views.append(None if v is None else v.reshape(p))
+    return views
+
+
+def _bound(name: str, on_torch: bool, compute: Callable[..., Any]) -> Callable[..., Any]:
+    """A bound pass's ``run(x, *args)``: ``compute(x, host, *args)`` with ``host`` the NumPy view of ``x``, or
+    None where it does not compute (the schedule switched off, a strided ``x``, ``compute`` declining); a
+    failure switches the schedule off as `falls_back` does (the caller then makes the full call)."""
+
+    def run(x: Array, *args: Any) -> Any:
+        if name in _DISABLED:
+            return None
+        blocked.thread_count()  # a bad ARRAYBN_NUM_THREADS raises, as in the methods
+        host = _contiguous_host(x, on_torch)
+        if host is None:
+            return None
+        try:
+            return compute(x, host, *args)
+        except Exception as error:  # noqa: BLE001 - as falls_back: switched off, the caller computes
+            disable(name, error)
+            return None
+
+    return run
+
+
 def _itemsize(x: Array) -> int:
     size = getattr(x.dtype, "itemsize", None)  # NumPy
     return int(size) if size is not None else int(x.element_size())  # torch
@@ -1193,24 +1226,14 @@ class NumbaKernels(Ops):
         bound = self._affine_pass(x, scale, shift, center, own=True)  # copies: the plan's own
         if bound is None:
             return None
-        step, on_torch, name = bound[0], not _is_numpy(x), self.name
+        step, on_torch = bound[0], not _is_numpy(x)
 
-        def run(x: Array) -> Array | None:
-            if name in _DISABLED:
-                return None
-            blocked.thread_count()  # a bad ARRAYBN_NUM_THREADS raises, as in `affine`
-            host = _contiguous_host(x, on_torch)
-            if host is None:
-                return None
-            try:
-                y, view = _empty(x, tuple(x.shape))
-                step(host, view, on_torch)
-            except Exception as error:  # noqa: BLE001 - as falls_back: switched off, the caller computes
-                disable(name, error)
-                return None
+        def compute(x: Array, host: Array) -> Array:
+            y, view = _empty(x, tuple(x.shape))
+            step(host, view, on_torch)
             return y
 
-        return run
+        return _bound(self.name, on_torch, compute)
 
     def bind_training(
         self, x: Array, channel: int, rule: str, epsilon: Any, update: MovingUpdate | None, gamma: Array | None,
@@ -1238,39 +1261,26 @@ class NumbaKernels(Ops):
         lay_map = _layout(host, channel, np, _MAP_ROW_ELEMENTS)
         given = (gamma, beta) + ((None, None) if update is None else (update.moving_mean, update.moving_variance))
         p = int(x.shape[channel])
-        views = [None if a is None else _host(a) for a in given]
-        if lay_map is None or any(v is None or v.dtype != host.dtype or v.size != p
-                                  for v, a in zip(views, given) if a is not None):  # fmt: skip
+        if lay_map is None or _host_vectors(given, host.dtype, p) is None:
             return None
         coefficients = _Rule.make(rule, host.dtype, epsilon, update, gamma is not None, beta is not None)
         if coefficients is None:
             return None
-        on_torch, name, shape, dtype = not _is_numpy(x), self.name, tuple(x.shape), host.dtype
+        on_torch, shape, dtype = not _is_numpy(x), tuple(x.shape), host.dtype
 
-        def run(x: Array, *vectors: Array | None) -> tuple[Array, Array | None, Array | None] | None:
-            if name in _DISABLED:
+        def compute(x: Array, host: Array, *vectors: Array | None) -> tuple[Array, Array | None, Array | None] | None:
+            views = _host_vectors(vectors, dtype, p)
+            moments = None if views is None else channel_moments(host, lay, np, on_torch)
+            if moments is None:
                 return None
-            blocked.thread_count()  # a bad ARRAYBN_NUM_THREADS raises, as in the methods
-            host = _contiguous_host(x, on_torch)
-            views = [None if a is None else _host(a) for a in vectors]
-            if host is None or any(v is None or v.dtype != dtype or v.size != p
-                                   for v, a in zip(views, vectors) if a is not None):  # fmt: skip
-                return None
-            try:
-                moments = channel_moments(host, lay, np, on_torch)
-                if moments is None:
-                    return None
-                center, scale, shift, new_mean, new_variance = coefficients(
-                    *moments, *(None if v is None else v.reshape(p) for v in views), like=x, vectors_like=host
-                )  # the coefficients only feed the pass below: NumPy vectors
-                y, view = _empty(x, shape)
-                _AffinePass(lay_map, scale[1], shift[1], None if center is None else center[1])(host, view, on_torch)
-            except Exception as error:  # noqa: BLE001 - as falls_back: switched off, the caller computes
-                disable(name, error)
-                return None
+            center, scale, shift, new_mean, new_variance = coefficients(
+                *moments, *views, like=x, vectors_like=host
+            )  # the coefficients only feed the pass below: NumPy vectors
+            y, view = _empty(x, shape)
+            _AffinePass(lay_map, scale[1], shift[1], None if center is None else center[1])(host, view, on_torch)
             return y, None if new_mean is None else new_mean[0], None if new_variance is None else new_variance[0]
 
-        return run
+        return _bound(self.name, on_torch, compute)
 
     @falls_back
     def coefficients(
@@ -1332,17 +1342,13 @@ def coefficients(
     are one call, each operation rounded as the reference's (the same bits).
     """
     given = [mean, variance, gamma, beta] + ([] if update is None else [update.moving_mean, update.moving_variance])
-    views = [None if a is None else _host(a) for a in given]
-    host = views[0]
-    if host is None:
-        return None
-    p = host.size
-    if any(v is None or v.dtype != host.dtype or v.size != p for v, a in zip(views, given) if a is not None):
+    host = _host(mean)
+    vectors = None if host is None else _host_vectors(given, host.dtype, host.size)
+    if vectors is None:
         return None
     prepared = _Rule.make(rule, host.dtype, epsilon, update, gamma is not None, beta is not None)
     if prepared is None:
         return None
-    vectors = [None if v is None else v.reshape(p) for v in views]
     center, scale, shift, new_mean, new_variance = (
         None if pair is None else pair[0] for pair in prepared(*vectors, like=mean)
     )
