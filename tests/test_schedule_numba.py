@@ -93,6 +93,8 @@ def test_elementwise_passes_are_bitwise_the_reference(monkeypatch, loops, namesp
     np.testing.assert_array_equal(unwrap(got), unwrap(REFERENCE.backward_dx(x, dy, m, k, a, b, ns)))
     assert len(loops) == 3
     assert len(names) == 3 and all(name.endswith("_stream") == streamed for name in names)
+    rows = nk._STREAM_ROW_ELEMENTS if streamed else nk._MAP_ROW_ELEMENTS  # channels last: rows of that many values
+    assert all(lay.k == (1 if lay.b > 1 else min(lay.a, -(-rows // lay.c))) for lay in loops)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -85,6 +85,7 @@ Array = Any
 _LEAF = 64  # values (rows, or 8-wide lanes) added into one partial sum before it moves up a level
 _SUM_ROW_ELEMENTS = 4096  # channels-last rows of the sums hold at least this many elements (fewer partial-sum updates)
 _MAP_ROW_ELEMENTS = 64  # and of the elementwise passes (rows of 1024 ran 20-30% slower with 64 channels)
+_STREAM_ROW_ELEMENTS = 1024  # and of those with streaming stores: a buffer's worth (rows of 64 ran twice as slow)
 _MIN_BYTES = 1 << 20  # below this the reference's expressions are as fast
 _STREAM_BYTES = 16 << 20  # outputs this large are written with streaming stores (they leave the caches anyway)
 _STREAM_CHUNK = 1024  # values computed into the buffer that streaming stores copy out (a multiple of 64 bytes)
@@ -961,6 +962,13 @@ class _AffinePass:
         return y
 
 
+def _map_rows(x: Array) -> int:
+    """The elements of a channels-last row of an elementwise pass whose output is shaped as ``x`` (and of its
+    dtype): `_STREAM_ROW_ELEMENTS` where `_streamed` gives the streaming kernels, else `_MAP_ROW_ELEMENTS`. (A
+    pass's results do not depend on its rows: each output element is the same operations on one input.)"""
+    return _STREAM_ROW_ELEMENTS if math.prod(x.shape) * _itemsize(x) >= _STREAM_BYTES else _MAP_ROW_ELEMENTS
+
+
 def _streamed(name: str, lay: blocked.Layout, itemsize: int) -> str:
     """The kernel writing an elementwise pass's pieces: ``name`` (channels last) or ``channel_`` + ``name``,
     with streaming stores (its ``_stream`` twin in `kernels`) where the output has at least `_STREAM_BYTES`
@@ -1192,7 +1200,7 @@ class NumbaKernels(Ops):
 
         params = (scale, shift) if center is None else (scale, shift, center)
         channel = blocked._channel_axis_of(tuple(x.shape), *(tuple(getattr(p, "shape", ())) for p in params))
-        prepared = self._prepare(x, channel, *params, rows=_MAP_ROW_ELEMENTS)
+        prepared = self._prepare(x, channel, *params, rows=_map_rows(x))
         if prepared is None:
             return None
         lay, host, views = prepared
@@ -1258,7 +1266,7 @@ class NumbaKernels(Ops):
         if prepared is None:
             return None
         lay, host, _ = prepared
-        lay_map = _layout(host, channel, np, _MAP_ROW_ELEMENTS)
+        lay_map = _layout(host, channel, np, _map_rows(x))
         given = (gamma, beta) + ((None, None) if update is None else (update.moving_mean, update.moving_variance))
         p = int(x.shape[channel])
         if lay_map is None or _host_vectors(given, host.dtype, p) is None:
@@ -1317,7 +1325,7 @@ class NumbaKernels(Ops):
         params = (mean, k, p, q)
         channel = blocked._channel_axis_of(tuple(x.shape), *(tuple(getattr(v, "shape", ())) for v in params))
         same = tuple(dy.shape) == tuple(x.shape)
-        prepared = self._prepare(x, channel, dy, *params, rows=_MAP_ROW_ELEMENTS) if same else None
+        prepared = self._prepare(x, channel, dy, *params, rows=_map_rows(x)) if same else None
         if prepared is None:
             return _next(x).backward_dx(x, dy, mean, k, p, q, xp)
         lay, host, (grad, *vectors) = prepared
