@@ -44,7 +44,7 @@ from types import ModuleType
 from typing import Any, NamedTuple
 
 from . import _functional
-from ._namespace import dtype_from_name, float_errors_ignored, is_numpy_array, is_torch_array, stored
+from ._namespace import dtype_from_name, float_errors_ignored, is_numpy_array, is_torch_array
 from ._reference import InferenceMap, MovingUpdate, Ops, count_of, f32_operand
 from ._schedules import get_schedule
 from ._types import BNConfig
@@ -165,6 +165,13 @@ def _torch_modes() -> bool:
     return count is None or count() > 0
 
 
+def _inference_mode() -> bool:
+    """torch's inference mode is on (the tensors made there are inference tensors)."""
+    import torch
+
+    return bool(torch.is_inference_mode_enabled())
+
+
 def _same(now: Sequence[Any], then: Sequence[Any]) -> bool:
     """The same objects, and ``axis``'s values (the last entry) equal."""
     return all(a is b for a, b in zip(now[:-1], then[:-1], strict=True)) and now[-1] == then[-1]
@@ -190,7 +197,8 @@ class TrainingPlan:
     batches or an activity regularizer, on a trainable layer whose input has
     the weights' dtype (no cast), outside ``layer.forward`` (which keeps the
     batch statistics for its backward), and where the schedule offers
-    ``bind_training`` (numba-kernels).
+    ``bind_training`` (numba-kernels). A call under torch's inference mode
+    takes the full call, which keeps normal tensors as the moving statistics.
     """
 
     __slots__ = ("kind", "settings", "weights", "ops", "xp", "config", "step", "constants")
@@ -256,6 +264,8 @@ class TrainingPlan:
         weights = self.weights
         if not _same_kind(inputs, self.kind) or layer._vars is not weights:
             return None
+        if self.kind[4] and _inference_mode():  # the full call keeps normal tensors, not inference ones (`stored`)
+            return None
         if layer.adjustment is not None or getattr(layer, "_recording", None) is not None:
             return None
         if not _same(_training_settings(layer), self.settings):
@@ -271,8 +281,6 @@ class TrainingPlan:
             )  # fmt: skip
         if out is None:
             return None
-        y, new_mean, new_variance = out
-        if self.kind[4]:  # torch: as the full call keeps them (outside autograd, never inference tensors)
-            new_mean, new_variance = stored(new_mean), stored(new_variance)
+        y, new_mean, new_variance = out  # new tensors, outside autograd and inference mode: as the full call keeps them
         self.weights = layer._keep_trained(weights, new_mean, new_variance, self.config)
         return y

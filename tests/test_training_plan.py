@@ -162,6 +162,24 @@ def test_torch_autograd_takes_the_full_call(monkeypatch) -> None:
     assert runs == []
 
 
+def test_torch_inference_mode_takes_the_full_call(monkeypatch) -> None:
+    """Under ``torch.inference_mode`` the full call runs: it keeps normal tensors (an inference tensor could not
+    be used by autograd later); outside it again, the plan runs with the same bits as before."""
+    torch = pytest.importorskip("torch")
+    planned, full = _pair({})
+    xs = [torch.from_numpy(x) for x in _inputs((8192, 64))]
+    _same_bits(planned(xs[0], training=True), _full(full, xs[0], training=True))
+    runs = _planned_runs(monkeypatch)
+    with torch.inference_mode():
+        _same_bits(planned(xs[1], training=True), _full(full, xs[1], training=True))
+    assert runs == []
+    assert not any(w.is_inference() for w in planned.weights)
+    _same_bits(planned(xs[2], training=True), _full(full, xs[2], training=True))
+    _same_layers(planned, full)
+    assert len(runs) == 1
+    assert not any(w.is_inference() for w in planned.weights)
+
+
 def test_layer_forward_keeps_its_statistics(monkeypatch, to_lib) -> None:
     """``layer.forward`` records the batch statistics for its backward: it takes the full call."""
     layer = arraybn.BatchNormalization()
