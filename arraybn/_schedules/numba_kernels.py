@@ -962,11 +962,16 @@ class _AffinePass:
         return y
 
 
+def _streams(nbytes: int) -> bool:
+    """An elementwise pass's output of ``nbytes`` is written with streaming stores (`_streamed`)."""
+    return nbytes >= _STREAM_BYTES
+
+
 def _map_rows(x: Array) -> int:
     """The elements of a channels-last row of an elementwise pass whose output is shaped as ``x`` (and of its
     dtype): `_STREAM_ROW_ELEMENTS` where `_streamed` gives the streaming kernels, else `_MAP_ROW_ELEMENTS`. (A
     pass's results do not depend on its rows: each output element is the same operations on one input.)"""
-    return _STREAM_ROW_ELEMENTS if math.prod(x.shape) * _itemsize(x) >= _STREAM_BYTES else _MAP_ROW_ELEMENTS
+    return _STREAM_ROW_ELEMENTS if _streams(math.prod(x.shape) * _itemsize(x)) else _MAP_ROW_ELEMENTS
 
 
 def _streamed(name: str, lay: blocked.Layout, itemsize: int) -> str:
@@ -974,7 +979,7 @@ def _streamed(name: str, lay: blocked.Layout, itemsize: int) -> str:
     with streaming stores (its ``_stream`` twin in `kernels`) where the output has at least `_STREAM_BYTES`
     (the same bits)."""
     name = name if lay.b == 1 else f"channel_{name}"
-    return f"{name}_stream" if lay.a * lay.c * lay.b * itemsize >= _STREAM_BYTES else name
+    return f"{name}_stream" if _streams(lay.a * lay.c * lay.b * itemsize) else name
 
 
 def backward_sums(
@@ -1271,8 +1276,8 @@ class NumbaKernels(Ops):
         p = int(x.shape[channel])
         if lay_map is None or _host_vectors(given, host.dtype, p) is None:
             return None
-        coefficients = _Rule.make(rule, host.dtype, epsilon, update, gamma is not None, beta is not None)
-        if coefficients is None:
+        arithmetic = _Rule.make(rule, host.dtype, epsilon, update, gamma is not None, beta is not None)
+        if arithmetic is None:
             return None
         on_torch, shape, dtype = not _is_numpy(x), tuple(x.shape), host.dtype
 
@@ -1281,7 +1286,7 @@ class NumbaKernels(Ops):
             moments = None if views is None else channel_moments(host, lay, np, on_torch)
             if moments is None:
                 return None
-            center, scale, shift, new_mean, new_variance = coefficients(
+            center, scale, shift, new_mean, new_variance = arithmetic(
                 *moments, *views, like=x, vectors_like=host
             )  # the coefficients only feed the pass below: NumPy vectors
             y, view = _empty(x, shape)
@@ -1378,8 +1383,8 @@ class _Rule:
                  has_beta: bool) -> None:  # fmt: skip
         import numpy as np
 
-        self.fused, self.update, self.has_gamma, self.has_beta = rule == "fused", update is not None, has_gamma, has_beta
-        dt = self.dt = np.dtype(dtype).type
+        self.fused, self.update = rule == "fused", update is not None
+        dt = np.dtype(dtype).type
         self.epsilon = dt(epsilon)
         if self.fused:
             keep, mean_factor, replace = (0.0, 0.0, False) if update is None else fused_factors(float(update.momentum), 1.0)
